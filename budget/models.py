@@ -1,0 +1,78 @@
+"""Pydantic models that cross the service boundary: budgets, run requests and run results."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import Enum
+
+from pydantic import BaseModel, Field
+
+MAX_CODE_BYTES = 100_000  # the reference service's limit on train_code
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Budget(BaseModel):
+    """What a session may spend. Defaults are the reference service's."""
+
+    max_runs: int = Field(50, ge=1, description="runs per session")
+    session_secs: float = Field(10_800, gt=0, description="wall-clock seconds per session")
+    time_budget_secs: float = Field(180, gt=0, le=180, description="training seconds per run (TIME_BUDGET)")
+    run_timeout_secs: float = Field(210, gt=0, description="hard wall-clock limit of one run, eval included")
+    startup_grace_secs: float = Field(10, ge=0, description="start-up time allowed before the training clock counts")
+
+
+class RunStatus(str, Enum):
+    running = "running"
+    completed = "completed"      # ran, evaluated, verified
+    unverified = "unverified"    # ran, but the evaluator's checks failed (see reasons)
+    crashed = "crashed"          # non-zero exit or no evaluation
+    timeout = "timeout"          # killed at run_timeout_secs
+    interrupted = "interrupted"  # the harness died or was stopped while it ran
+    refused = "refused"          # never started (syntax error, too large, no budget); not charged
+
+
+class RunRequest(BaseModel):
+    train_code: str
+    description: str = ""
+    hypothesis: str = ""
+    seed: int | None = None
+
+
+class RunResult(BaseModel):
+    run_id: int
+    status: RunStatus
+    description: str = ""
+    hypothesis: str = ""
+    val_bpb: float | None = Field(None, description="the trusted evaluator's number")
+    reported_val_bpb: float | None = Field(None, description="what the script printed")
+    verified: bool = False
+    reasons: list[str] = Field(default_factory=list, description="why a run is not verified, or what went wrong")
+    training_secs: float | None = None
+    wall_secs: float | None = None
+    total_steps: int | None = None
+    num_params_M: float | None = None
+    train_loss: float | None = None
+    code_sha256: str = ""
+    sandboxed: bool = True
+    stdout_tail: str = ""
+    stderr_tail: str = ""
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    runs_remaining: int | None = None
+    match_time_remaining_secs: float | None = None
+
+    @property
+    def counts_as_best(self) -> bool:
+        return self.status == RunStatus.completed and self.verified and self.val_bpb is not None
+
+
+class BudgetStatus(BaseModel):
+    runs_used: int
+    runs_remaining: int
+    match_time_remaining_secs: float
+    session_started_at: datetime
+    active_run_id: int | None = None
+    best_run_id: int | None = None
+    best_val_bpb: float | None = None
