@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -48,6 +50,81 @@ def cmd_doctor(args) -> int:
     return 1 if failed else 0
 
 
+ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is absent
+    "agent": "PGOLF_AGENT", "model": "PGOLF_MODEL", "base_url": "OPENAI_BASE_URL",
+    "ray_address": "RAY_ADDRESS", "approve": "PGOLF_APPROVE",
+}
+
+
+def session_settings(args, session_dir):
+    """Flags > environment > defaults, validated by pydantic."""
+    from agent.session import SessionSettings
+    from budget.models import Budget
+
+    values = {}
+    for flag, var in ENV_DEFAULTS.items():
+        value = getattr(args, flag, None) or os.environ.get(var)
+        if value:
+            values[flag] = value
+    budget = {k: v for k, v in (("max_runs", args.budget),
+                                ("session_secs", args.hours * 3600 if args.hours else None),
+                                ("time_budget_secs", args.time_budget), ("run_timeout_secs", args.timeout))
+              if v is not None}
+    if "time_budget_secs" in budget and "run_timeout_secs" not in budget:
+        budget["run_timeout_secs"] = budget["time_budget_secs"] + 30  # eval and start-up
+    return SessionSettings(session_dir=session_dir, budget=Budget(**budget), concurrency=args.concurrency,
+                           sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
+                           max_cost_usd=args.max_cost, replay_from=getattr(args, "replay_from", None), **values)
+
+
+def cmd_run(args) -> int:
+    from pydantic import ValidationError
+
+    from agent.session import Session, SessionSettings, new_session_dir
+
+    if args.resume:
+        session_dir = Path(args.resume)
+        saved = session_dir / "settings.json"
+        if not saved.exists():
+            err.print(f"[red]error:[/red] {session_dir} is not a session folder (no settings.json); "
+                      "pass the folder a previous `pgolf-agent run` printed")
+            return 2
+        settings = SessionSettings.model_validate_json(saved.read_text())
+    else:
+        session_dir = Path(args.session) if args.session else new_session_dir(Path(os.environ.get("PGOLF_SESSIONS_DIR", "sessions")))
+        if (session_dir / "settings.json").exists():
+            err.print(f"[red]error:[/red] {session_dir} already holds a session; continue it with --resume {session_dir}")
+            return 2
+        try:
+            settings = session_settings(args, session_dir)
+        except ValidationError as exc:
+            err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+            return 2
+    from trainer.corpus import CorpusError, ensure_corpus
+    try:
+        ensure_corpus()
+    except CorpusError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
+    console.print(f"session: {session_dir}")
+    Session(settings, console).run()
+    return 0
+
+
+def cmd_replay(args) -> int:
+    args.agent, args.replay_from, args.resume = "replay", Path(args.source), None
+    if not (args.replay_from / "trajectory.jsonl").exists():
+        err.print(f"[red]error:[/red] {args.replay_from} has no trajectory.jsonl to replay")
+        return 2
+    if args.budget is None:  # replay under the recorded session's budget unless told otherwise
+        from agent.session import SessionSettings
+        saved = SessionSettings.model_validate_json((args.replay_from / "settings.json").read_text())
+        b = saved.budget
+        args.budget, args.hours = b.max_runs, b.session_secs / 3600
+        args.time_budget, args.timeout = args.time_budget or b.time_budget_secs, args.timeout or b.run_timeout_secs
+    return cmd_run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgolf-agent",
@@ -64,6 +141,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="fetch, verify and show the Shakespeare corpus and its split")
     corpus_args(p)
     p.set_defaults(func=cmd_data)
+
+    def session_args(p):
+        p.add_argument("--budget", type=int, help="runs in the session (default 50)")
+        p.add_argument("--hours", type=float, help="wall-clock hours for the session (default 3)")
+        p.add_argument("--time-budget", type=float, help="training seconds per run, at most 180 (default 180)")
+        p.add_argument("--timeout", type=float, help="hard limit of one run in seconds (default 210)")
+        p.add_argument("--session", help="session folder (default ./sessions/<timestamp>)")
+        p.add_argument("--concurrency", type=int, default=1, help="runs at once (default 1)")
+        p.add_argument("--ray-address", help="join an existing Ray cluster (or RAY_ADDRESS)")
+        p.add_argument("--unsafe-no-sandbox", action="store_true", help="run without bubblewrap; results say so")
+        p.add_argument("--approve", choices=["none", "runs", "edits", "all"],
+                       help="ask a person before each run / edit / tool call (or PGOLF_APPROVE)")
+        p.add_argument("--max-llm-calls", type=int, help="stop after this many model calls")
+        p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD")
+
+    p = sub.add_parser("run", help="run a research session: baseline, then the agent until the budget is spent")
+    session_args(p)
+    p.add_argument("--agent", choices=["auto", "anthropic", "openai", "search", "random"],
+                   help="researcher (default auto: Anthropic key > OpenAI key/base URL > offline search)")
+    p.add_argument("--model", help="model id for the chosen provider (or PGOLF_MODEL)")
+    p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (or OPENAI_BASE_URL)")
+    p.add_argument("--resume", metavar="SESSION_DIR", help="continue a session with the budget it has left")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("replay", help="drive a recorded session again from its trajectory")
+    p.add_argument("source", help="the recorded session folder")
+    session_args(p)
+    p.set_defaults(func=cmd_replay, model=None, base_url=None)
 
     p = sub.add_parser("doctor", help="check Python, torch, Ray, the sandbox, the corpus and API keys")
     p.set_defaults(func=cmd_doctor)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 from enum import Enum
+from pathlib import Path
 
 from pydantic import BaseModel, Field
 
@@ -45,6 +46,7 @@ class RunResult(BaseModel):
     status: RunStatus
     description: str = ""
     hypothesis: str = ""
+    seed: int | None = Field(None, description="TORCH_SEED of the run; None means the script's default (42)")
     val_bpb: float | None = Field(None, description="the trusted evaluator's number")
     reported_val_bpb: float | None = Field(None, description="what the script printed")
     verified: bool = False
@@ -76,3 +78,54 @@ class BudgetStatus(BaseModel):
     active_run_id: int | None = None
     best_run_id: int | None = None
     best_val_bpb: float | None = None
+    active_run_ids: list[int] = Field(default_factory=list, description="every run in flight, oldest first")
+    budget: Budget | None = Field(None, description="the session's budget as stored in the ledger")
+
+
+class Refusal(BaseModel):
+    """Why a submission was not run; `code` mirrors the reference service's HTTP status."""
+
+    code: int = Field(description="400 bad code, 409 every run slot busy, 422 syntax error, 429 budget spent")
+    message: str
+    runs_remaining: int | None = None
+    match_time_remaining_secs: float | None = None
+
+
+class RunRefused(Exception):
+    """A submission the service did not run. Never charged."""
+
+    def __init__(self, refusal: Refusal):
+        super().__init__(refusal.message)
+        self.refusal = refusal
+
+    def __reduce__(self):  # rebuilt from the Refusal when it crosses a process boundary
+        return type(self), (self.refusal,)
+
+    @property
+    def code(self) -> int:
+        return self.refusal.code
+
+
+class BudgetExhausted(RunRefused):
+    """The session has no run or not enough match time left for one more run (429)."""
+
+
+class RunProgress(BaseModel):
+    """What a waiting caller is told about a run in flight."""
+
+    run_id: int
+    elapsed_secs: float
+    stderr_tail: list[str] = Field(default_factory=list, description="last lines the script wrote to stderr")
+
+
+class ServiceSettings(BaseModel):
+    """How the training service runs. Budget fields set explicitly replace the stored ones on resume."""
+
+    session_dir: Path
+    budget: Budget = Field(default_factory=Budget, description="fields left unset keep the session's stored value")
+    concurrency: int = Field(1, ge=1, description="runs in flight at once")
+    ray_address: str | None = Field(None, description="join this Ray cluster (else RAY_ADDRESS, else a local Ray)")
+    sandbox: bool = Field(True, description="False runs train.py unconfined; every result then says sandboxed=false")
+    cpus_per_run: int | None = Field(None, ge=1, description="default: the cluster's CPUs divided by concurrency")
+    memory_mb: int | None = Field(None, ge=64, description="memory limit of one run (default: the sandbox's)")
+    data_dir: Path | None = Field(None, description="folder with train.bin/val.bin (default: the verified corpus cache)")

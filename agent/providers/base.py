@@ -1,0 +1,226 @@
+"""The provider protocol: conversation items, the model's reply, errors, and bounded retries.
+
+Every model provider (Anthropic, OpenAI-compatible, the offline agents, replay) speaks this
+protocol, so the loop never sees an SDK type and a conversation is plain JSON.
+"""
+from __future__ import annotations
+
+import email.utils
+import json
+import random
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any, Callable, Literal, Mapping, Protocol, TypeVar
+
+from pydantic import BaseModel, Field, TypeAdapter
+
+
+class ToolSpec(BaseModel):
+    name: str
+    description: str
+    parameters: dict[str, Any]  # JSON schema of the arguments object
+
+
+class ToolCall(BaseModel):
+    id: str
+    name: str
+    arguments: dict[str, Any] | None
+    raw_arguments: str
+    # Set when the arguments are not a JSON object; the loop answers the model with it.
+    error: str | None = None
+
+
+class NativeBlocks(BaseModel):
+    """A reply's content blocks in the provider's own wire form, to be sent back verbatim.
+
+    Anthropic's thinking models return signed thinking blocks that must come back unchanged
+    with the rest of the turn when tools are used, and only to the model that wrote them.
+    """
+
+    provider: str
+    model: str
+    blocks: list[dict[str, Any]]
+
+
+class UserMessage(BaseModel):
+    role: Literal["user"] = "user"
+    content: str
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    native: NativeBlocks | None = None
+
+
+class ToolResult(BaseModel):
+    role: Literal["tool"] = "tool"
+    tool_call_id: str
+    name: str
+    content: str
+    is_error: bool = False
+
+
+Message = Annotated[UserMessage | AssistantMessage | ToolResult, Field(discriminator="role")]
+# Conversation.dump_json(messages) / Conversation.validate_json(data)
+Conversation = TypeAdapter(list[Message])
+
+
+class ModelReply(BaseModel):
+    text: str
+    tool_calls: list[ToolCall]
+    input_tokens: int  # every prompt token, cached ones included, the same way for all providers
+    output_tokens: int
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    model: str
+    stop_reason: str | None  # the provider's own value ("end_turn", "tool_use", "stop", "length", ...)
+    duration_ms: int  # wall time of complete(), retries and their waits included
+    request_chars: int  # size of the JSON request body
+    native: NativeBlocks | None = None
+
+    def to_message(self) -> AssistantMessage:
+        """The assistant turn to append to the conversation (keeps the provider's native blocks)."""
+        return AssistantMessage(text=self.text, tool_calls=self.tool_calls, native=self.native)
+
+
+class Provider(Protocol):
+    name: str
+    model: str
+
+    def complete(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> ModelReply: ...
+
+
+class ProviderError(Exception):
+    """A failure that retrying will not fix; the message names the cause and the fix.
+
+    `kind` lets callers react without parsing text: "config", "auth", "permission", "not_found",
+    "context_too_long", "quota", "bad_request", "bad_response", "retry_budget".
+    """
+
+    def __init__(self, message: str, *, kind: str = "bad_request", status: int | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.status = status
+
+
+class RetryBudgetExhausted(ProviderError):
+    pass
+
+
+class TransientError(Exception):
+    """A failure worth retrying (rate limit, server error, lost connection)."""
+
+    def __init__(self, text: str, retry_after_s: float | None = None):
+        super().__init__(text)
+        self.retry_after_s = retry_after_s
+
+
+RetryCallback = Callable[[int, float, str], None]  # (attempt, delay_s, error_text)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    budget_s: float = 120.0
+    base_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+
+    def delay(self, attempt: int, retry_after_s: float | None) -> float:
+        if retry_after_s is not None:
+            return retry_after_s
+        # Exponential backoff with jitter, so parallel clients do not retry in lockstep.
+        return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+
+
+def with_retries(send: Callable[[], T], policy: RetryPolicy, on_retry: RetryCallback | None) -> T:
+    """Call `send` until it succeeds, retrying TransientError while the next try fits in the budget."""
+    start = time.monotonic()
+    attempt = 0
+    while True:
+        try:
+            return send()
+        except TransientError as exc:
+            attempt += 1
+            delay = policy.delay(attempt, exc.retry_after_s)
+            elapsed = time.monotonic() - start
+            if elapsed + delay > policy.budget_s:
+                raise RetryBudgetExhausted(
+                    f"gave up after {attempt} attempt(s) in {elapsed:.1f}s (retry budget {policy.budget_s:g}s; "
+                    f"next wait would be {delay:.1f}s): {str(exc).rstrip('.')}. Try again later or raise the "
+                    "retry budget.",
+                    kind="retry_budget") from exc
+            if on_retry is not None:
+                on_retry(attempt, delay, str(exc))
+            time.sleep(delay)
+
+
+def retry_after_s(headers: Mapping[str, str]) -> float | None:
+    """The server's requested wait: `retry-after-ms`, or `retry-after` in seconds or as an HTTP date."""
+    try:
+        return max(0.0, float(headers["retry-after-ms"]) / 1000)
+    except (KeyError, ValueError):
+        pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+_QUOTA_CODES = ("insufficient_quota", "spend_limit", "billing", "credit_balance")
+_CONTEXT_WORDS = ("prompt is too long", "context_length", "context length", "context window", "context size",
+                  "too many tokens", "maximum context")
+
+
+def http_failure(status: int, message: str, codes: str, headers: Mapping[str, str], *,
+                 key_env: str, model: str, endpoint: str) -> ProviderError | TransientError:
+    """Sort an HTTP error answer into retryable or not, with a message that says what to do.
+
+    `message` is the server's own explanation; `codes` its error type/code fields, for matching.
+    """
+    message = message.strip().rstrip(".")  # it is followed by our own sentence
+    said = f"{message} {codes}".lower()
+    if status == 402 or any(c in codes.lower() for c in _QUOTA_CODES):  # a 429 for money does not pass with waiting
+        return ProviderError(f"{endpoint} refused the request for quota or spend limit ({status}): {message}. "
+                             "Add credits or raise the limit, then run again.", kind="quota", status=status)
+    hint = headers.get("x-should-retry")
+    if hint == "true" or (hint != "false" and (status in (408, 409, 429) or status >= 500)):
+        return TransientError(f"{endpoint} answered {status}: {message}", retry_after_s(headers))
+    if status == 401:
+        return ProviderError(f"{key_env} was rejected (401): check the key. Server said: {message}",
+                             kind="auth", status=status)
+    if status == 403:
+        return ProviderError(f"{key_env} may not use model '{model}' (403): {message}. Check the key's "
+                             "permissions or choose another --model.", kind="permission", status=status)
+    if status == 413 or any(w in said for w in _CONTEXT_WORDS):
+        return ProviderError(f"the conversation is too long for model '{model}' ({status}): {message}. "
+                             "Shorten the context or choose a model with a larger window.",
+                             kind="context_too_long", status=status)
+    if status == 404:
+        return ProviderError(f"model '{model}' was not found at {endpoint} (404): {message}. Check --model "
+                             "and the base URL.", kind="not_found", status=status)
+    return ProviderError(f"{endpoint} rejected the request ({status}): {message}", kind="bad_request",
+                         status=status)
+
+
+def json_size(value: object) -> int:
+    """Characters of `value` as compact JSON: what a request body weighs."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
+
+
+def error_detail(body: object, fallback: str) -> tuple[str, str]:
+    """(message, type/code text) from an SDK error body, whichever wire shape it has."""
+    if not isinstance(body, dict):
+        return (str(body) if body else fallback), ""
+    inner = body.get("error") if isinstance(body.get("error"), dict) else body
+    details = inner.get("details") if isinstance(inner.get("details"), dict) else {}
+    codes = " ".join(str(v) for v in (inner.get("type"), inner.get("code"), details.get("error_code")) if v)
+    return str(inner.get("message") or fallback), codes

@@ -1,0 +1,127 @@
+"""OpenAI Chat Completions with function tools; also serves OpenAI-compatible local servers."""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any
+
+import openai
+
+from agent.providers.base import (AssistantMessage, Message, ModelReply, ProviderError, RetryCallback, RetryPolicy,
+                                  ToolCall, ToolResult, ToolSpec, TransientError, UserMessage, error_detail,
+                                  http_failure, json_size, with_retries)
+
+KEY_ENV = "OPENAI_API_KEY"
+
+
+class OpenAIProvider:
+    name = "openai"
+
+    def __init__(self, model: str, api_key: str, base_url: str | None = None, *, max_tokens: int = 8192,
+                 reasoning_effort: str | None = None, timeout_s: float = 600.0, retry_budget_s: float = 120.0,
+                 retry_base_delay_s: float = 1.0, retry_max_delay_s: float = 30.0,
+                 on_retry: RetryCallback | None = None):
+        self.model = model
+        self.max_tokens = max_tokens
+        self.reasoning_effort = reasoning_effort  # None: the server's default
+        self.on_retry = on_retry
+        self.retry = RetryPolicy(retry_budget_s, retry_base_delay_s, retry_max_delay_s)
+        self.endpoint = base_url or "https://api.openai.com/v1"
+        # max_retries=0: retries happen in with_retries, so their total time is bounded by our budget.
+        self._client = openai.OpenAI(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
+
+    def complete(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+        started = time.monotonic()
+        params = self.request(system, messages, tools)
+        response = with_retries(lambda: self._send(params), self.retry, self.on_retry)
+        return self._reply(response, json_size(params), started)
+
+    def request(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
+        """The Chat Completions arguments (no sampling parameters: reasoning models reject them)."""
+        params: dict[str, Any] = {"model": self.model, "messages": wire_messages(system, messages),
+                                  "max_completion_tokens": self.max_tokens}
+        if tools:
+            params["tools"] = [{"type": "function", "function": {
+                "name": t.name, "description": t.description, "parameters": t.parameters}} for t in tools]
+        if self.reasoning_effort is not None:
+            params["reasoning_effort"] = self.reasoning_effort
+        return params
+
+    def _send(self, params: dict[str, Any]) -> openai.types.chat.ChatCompletion:
+        try:
+            return self._client.chat.completions.create(**params)
+        except openai.APIStatusError as exc:
+            message, codes = error_detail(exc.body, exc.message)
+            if (exc.status_code == 400 and exc.param == "reasoning_effort" and "tools" in params
+                    and params.get("reasoning_effort") != "none"):
+                # Recent OpenAI reasoning models (GPT-5.6, GPT-6 Sol and Luna) reason by default and refuse
+                # function tools in Chat Completions unless reasoning_effort is 'none'.
+                self.reasoning_effort = params["reasoning_effort"] = "none"
+                raise TransientError(f"{message} (retrying with reasoning_effort='none')", 0.0) from exc
+            raise http_failure(exc.status_code, message, codes, exc.response.headers, key_env=KEY_ENV,
+                               model=self.model, endpoint=self.endpoint) from exc
+        except openai.APIConnectionError as exc:  # timeouts included
+            raise TransientError(f"no answer from {self.endpoint}: {exc.__cause__ or exc}") from exc
+        except openai.OpenAIError as exc:
+            raise ProviderError(f"the request to {self.endpoint} failed: {exc}", kind="bad_response") from exc
+
+    def _reply(self, response: openai.types.chat.ChatCompletion, request_chars: int, started: float) -> ModelReply:
+        # Compatible servers may send no choices, no content or no usage; each reads as empty.
+        choice = response.choices[0] if response.choices else None
+        message = choice.message if choice is not None else None
+        usage = response.usage
+        details = usage.prompt_tokens_details if usage is not None else None
+        return ModelReply(
+            text=(message.content or message.refusal or "") if message is not None else "",
+            tool_calls=[tool_call(c) for c in (message.tool_calls or [])] if message is not None else [],
+            input_tokens=usage.prompt_tokens if usage is not None else 0,
+            output_tokens=usage.completion_tokens if usage is not None else 0,
+            cache_read_tokens=(details.cached_tokens or 0) if details is not None else 0,
+            cache_write_tokens=(details.cache_write_tokens or 0) if details is not None else 0,
+            model=response.model or self.model, stop_reason=choice.finish_reason if choice is not None else None,
+            duration_ms=int((time.monotonic() - started) * 1000), request_chars=request_chars)
+
+
+def tool_call(call: Any) -> ToolCall:
+    function = getattr(call, "function", None)
+    name = getattr(function, "name", None) or ""
+    raw = getattr(function, "arguments", None) or ""
+    arguments, error = parse_arguments(raw)
+    # Some compatible servers leave the id out; the tool result must still name its call.
+    return ToolCall(id=getattr(call, "id", None) or f"call_{uuid.uuid4().hex[:24]}", name=name,
+                    arguments=arguments, raw_arguments=raw, error=error)
+
+
+def parse_arguments(raw: str) -> tuple[dict[str, Any] | None, str | None]:
+    if not raw.strip():  # some servers send "" for a call without arguments
+        return {}, None
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        return None, f"the arguments are not valid JSON ({exc.msg} at character {exc.pos}): {raw[:200]}"
+    if not isinstance(value, dict):
+        return None, f"the arguments must be a JSON object, got {type(value).__name__}: {raw[:200]}"
+    return value, None
+
+
+def wire_messages(system: str, messages: list[Message]) -> list[dict[str, Any]]:
+    wire: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for m in messages:
+        if isinstance(m, UserMessage):
+            wire.append({"role": "user", "content": m.content})
+        elif isinstance(m, ToolResult):  # Chat Completions has no error flag: the content says it
+            wire.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+        else:
+            wire.append(assistant_message(m))
+    return wire
+
+
+def assistant_message(m: AssistantMessage) -> dict[str, Any]:
+    out: dict[str, Any] = {"role": "assistant", "content": m.text or (None if m.tool_calls else "")}
+    if m.tool_calls:
+        # The model's own argument text goes back as it was, malformed or not, so it can see its mistake.
+        out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+            "name": c.name, "arguments": c.raw_arguments if c.arguments is None else json.dumps(c.arguments)}}
+            for c in m.tool_calls]
+    return out

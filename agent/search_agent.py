@@ -1,0 +1,317 @@
+"""The offline researcher: no model, no network, the same tools an LLM uses.
+
+It edits one setting line of train.py per run and keeps a change only when it
+beats the incumbent by more than the measured run-to-run noise. It is
+stateless: every decision is recomputed from the runs on disk, so a resumed
+session continues where it stopped.
+
+Method:
+1. Run 0 (the baseline) is repeated with another seed to measure noise.
+2. Coarse moves, one setting at a time in order of expected effect
+   (schedule, learning rate, batch, width, depth, ...): a doubling or halving.
+   An accepted move becomes the incumbent and the same setting is pushed
+   further in that direction before moving on.
+3. Fine moves (x1.41, x0.71) around the incumbent, then finer (x1.19, x0.84).
+4. An improvement smaller than twice the noise is confirmed with another seed.
+A configuration (settings + seed) is never run twice. `strategy="random"`
+samples settings uniformly instead: the control for the benchmark.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.providers.base import ModelReply, ToolCall
+
+SETTING_LINE = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*) = (?P<value>[^#\n]+?)(?P<comment>\s+#.*)?$", re.M)
+MIN_NOISE = 0.003
+SEED_BASE = 42
+
+# setting -> (kind, coarse moves, fine moves); "mul" multiplies, "add" adds, "set" picks values.
+MOVES: dict[str, tuple[str, list, list]] = {
+    "lr_schedule": ("set", ["linear", "cosine"], []),
+    "learning_rate": ("mul", [2.0, 0.5], [1.41, 0.71, 1.19, 0.84]),
+    "batch_size": ("mul", [2.0, 0.5], [1.5, 0.75]),
+    "d_model": ("add", [32, -16], [16, -8]),
+    "n_layers": ("add", [1, -1], [2]),
+    "d_ff": ("mul", [2.0, 0.5], [1.5, 0.75]),
+    "n_history": ("add", [2, -2], [1, -1]),
+    "warmup_steps": ("mul", [4.0, 0.25], [2.0, 0.5]),
+    "rope_theta": ("mul", [10.0, 0.1], [3.0, 0.33]),
+    "weight_decay": ("mul", [0.0, 2.0], [0.5]),
+    "beta2": ("set", [0.99, 0.9], []),
+    "n_heads": ("set", [2, 8], []),
+    "grad_clip": ("set", [0.5, 0.0], []),
+}
+# Values random search samples from: the same neighbourhood the moves reach.
+RANDOM_SPACE: dict[str, list] = {
+    "lr_schedule": ["constant", "linear", "cosine"],
+    "learning_rate": [1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 6e-3, 8e-3, 1.2e-2],
+    "batch_size": [4, 6, 8, 12, 16, 24, 32],
+    "d_model": [48, 64, 80, 96, 112, 128],
+    "n_layers": [1, 2, 3, 4, 5],
+    "d_ff": [128, 192, 256, 384, 512],
+    "n_history": [0, 1, 2, 3, 4, 5],
+    "warmup_steps": [5, 10, 20, 40, 80],
+    "rope_theta": [10.0, 30.0, 100.0, 300.0, 1000.0, 10000.0],
+    "weight_decay": [0.0, 0.05, 0.1, 0.2],
+    "beta2": [0.9, 0.95, 0.99],
+    "n_heads": [2, 4, 8],
+    "grad_clip": [0.0, 0.5, 1.0],
+}
+
+
+def parse_settings(code: str) -> dict[str, object]:
+    """The literal `name = value` lines of the settings block."""
+    out = {}
+    for m in SETTING_LINE.finditer(code):
+        try:
+            out[m["name"]] = ast.literal_eval(m["value"].strip())
+        except (ValueError, SyntaxError):
+            continue
+    return out
+
+
+def setting_line(code: str, name: str) -> str:
+    m = re.search(rf"^{name} = [^\n]*$", code, re.M)
+    if not m:
+        raise KeyError(name)
+    return m.group(0)
+
+
+def replace_value(line: str, value) -> str:
+    m = SETTING_LINE.match(line)
+    literal = repr(float(f"{value:.6g}")) if isinstance(value, float) else repr(value)
+    return f"{m['name']} = {literal}{m['comment'] or ''}"
+
+
+def valid(cfg: dict) -> bool:
+    d, h = cfg.get("d_model", 80), cfg.get("n_heads", 4)
+    return (d % h == 0 and (d // h) % 2 == 0 and cfg.get("n_layers", 1) >= 1 and cfg.get("batch_size", 1) >= 1
+            and cfg.get("d_ff", 1) >= 8 and cfg.get("n_history", 0) >= 0 and cfg.get("warmup_steps", 0) >= 1
+            and cfg.get("learning_rate", 1) > 0)
+
+
+def moved(cfg: dict, name: str, kind: str, move):
+    value = cfg[name]
+    if kind == "set":
+        return move
+    if kind == "add":
+        return value + move
+    new = value * move
+    return int(round(new)) if isinstance(value, int) else round(new, 8)
+
+
+@dataclass
+class Trial:
+    run_id: int
+    cfg: dict
+    seed: int
+    val_bpb: float | None
+    status: str
+    description: str
+
+
+@dataclass
+class Knowledge:
+    """What the runs on disk say: trials, noise and the incumbent."""
+
+    trials: list[Trial] = field(default_factory=list)
+    noise: float | None = None
+    incumbent: Trial | None = None
+    incumbent_mean: float | None = None
+    last_gain: float | None = None  # how much the incumbent beat its predecessor when accepted
+
+    def key(self, cfg: dict, seed: int) -> str:
+        return json.dumps({**cfg, "__seed": seed}, sort_keys=True, default=str)
+
+    def attempted(self) -> set[str]:
+        return {self.key(t.cfg, t.seed) for t in self.trials}
+
+    def scores(self, cfg: dict) -> list[float]:
+        return [t.val_bpb for t in self.trials if t.cfg == cfg and t.val_bpb is not None]
+
+
+def read_knowledge(session_dir: Path) -> Knowledge:
+    k = Knowledge()
+    for run_dir in sorted((session_dir / "runs").glob("[0-9]*")):
+        code_file, result_file = run_dir / "train.py", run_dir / "result.json"
+        if not code_file.exists():
+            continue
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        ok = result.get("verified") and result.get("status") == "completed"
+        k.trials.append(Trial(int(run_dir.name), parse_settings(code_file.read_text()),
+                              result.get("seed") or SEED_BASE, result.get("val_bpb") if ok else None,
+                              result.get("status", "interrupted"), result.get("description", "")))
+    if not k.trials:
+        return k
+    base = k.trials[0]
+    base_scores = k.scores(base.cfg)
+    if len(base_scores) >= 2:
+        k.noise = max(MIN_NOISE, max(base_scores) - min(base_scores))
+    # Replay acceptance in run order: a trial replaces the incumbent only if it beats it by the noise.
+    noise = k.noise or MIN_NOISE
+    for t in k.trials:
+        if t.val_bpb is None:
+            continue
+        if k.incumbent is None:
+            k.incumbent = t
+            continue
+        mean = sum(k.scores(t.cfg)) / len(k.scores(t.cfg))
+        inc_mean = sum(k.scores(k.incumbent.cfg)) / len(k.scores(k.incumbent.cfg))
+        if t.cfg != k.incumbent.cfg and mean < inc_mean - noise:
+            k.incumbent, k.last_gain = t, inc_mean - mean
+    if k.incumbent:
+        scores = k.scores(k.incumbent.cfg)
+        k.incumbent_mean = sum(scores) / len(scores)
+    return k
+
+
+class SearchResearcher:
+    """A Provider that decides tool calls by reading the session's runs."""
+
+    name = "search"
+
+    def __init__(self, session_dir: Path, strategy: str = "coordinate", rng_seed: int = 0):
+        if strategy not in ("coordinate", "random"):
+            raise ValueError(f"unknown search strategy {strategy!r}: use 'coordinate' or 'random'")
+        self.session_dir = Path(session_dir)
+        self.strategy = strategy
+        self.model = f"search-{strategy}"
+        self.rng = random.Random(rng_seed)
+        self.calls = 0
+        self.reported: set[int] = set()
+
+    # --- Provider protocol -----------------------------------------------------
+    def complete(self, system, messages, tools) -> ModelReply:
+        started = time.monotonic()
+        last = messages[-1].content if messages and hasattr(messages[-1], "content") else ""
+        k = read_knowledge(self.session_dir)
+        calls: list[tuple[str, dict]] = []
+        text = ""
+        if "The budget is spent" in last:
+            calls = [("write_note", {"kind": "conclusion", "text": self.conclusion(k)}),
+                     ("finish", {"summary": self.summary(k)})]
+        else:
+            calls += self.notes_on_new_runs(k)
+            proposal = self.propose(k)
+            if proposal is None:
+                calls += [("write_note", {"kind": "conclusion", "text": self.conclusion(k)}),
+                          ("finish", {"summary": "no untried moves left. " + self.summary(k)})]
+            else:
+                text, more = proposal
+                calls += more
+        self.calls += 1
+        tool_calls = [ToolCall(id=f"s{self.calls}_{i}", name=n, arguments=a, raw_arguments=json.dumps(a), error=None)
+                      for i, (n, a) in enumerate(calls)]
+        return ModelReply(text=text, tool_calls=tool_calls, input_tokens=0, output_tokens=0, model=self.model,
+                          stop_reason="tool_use", duration_ms=int((time.monotonic() - started) * 1000),
+                          request_chars=sum(len(getattr(m, "content", "") or "") for m in messages))
+
+    # --- decisions -------------------------------------------------------------
+    def notes_on_new_runs(self, k: Knowledge) -> list[tuple[str, dict]]:
+        out = []
+        for t in k.trials:
+            if t.run_id in self.reported or t.run_id == 0:
+                self.reported.add(t.run_id)
+                continue
+            self.reported.add(t.run_id)
+            score = f"{t.val_bpb:.4f}" if t.val_bpb is not None else f"no verified score ({t.status})"
+            verdict = ("kept: new incumbent" if k.incumbent and k.incumbent.run_id == t.run_id
+                       else "discarded" if t.val_bpb is not None else "failed")
+            inc = f"{k.incumbent_mean:.4f}" if k.incumbent_mean else "-"
+            noise = f"{k.noise:.4f}" if k.noise else "not yet measured"
+            out.append(("write_note", {"kind": "insight", "text":
+                        f"run {t.run_id} ({t.description}): {score}; {verdict}. Incumbent mean {inc}, noise {noise}."}))
+        return out
+
+    def propose(self, k: Knowledge):
+        """(thought, tool calls) for the next run, or None when nothing is left to try."""
+        if k.incumbent is None:
+            return None
+        base = k.trials[0]
+        attempted = k.attempted()
+        if k.noise is None:  # measure noise first: the baseline with another seed
+            seed = SEED_BASE + 1
+            while k.key(base.cfg, seed) in attempted:
+                seed += 1
+            return self._run(base.run_id, None, None, seed, "baseline repeated with another seed",
+                             "measures run-to-run noise: the two scores differ only by the seed")
+        inc = k.incumbent
+        scores = k.scores(inc.cfg)
+        if (self.strategy != "random" and inc.run_id != base.run_id and len(scores) == 1
+                and k.last_gain is not None and k.last_gain < 2 * k.noise):
+            seed = inc.seed + 1
+            while k.key(inc.cfg, seed) in attempted:
+                seed += 1
+            return self._run(inc.run_id, None, None, seed, f"confirm run {inc.run_id} with another seed",
+                             f"run {inc.run_id}'s gain is under twice the noise ({k.noise:.4f}); a second seed confirms it")
+        if self.strategy == "random":
+            return self._random(k, attempted)
+        tried_values = {(name, json.dumps(t.cfg.get(name), default=str)) for t in k.trials for name in MOVES}
+        for phase in (1, 2):
+            for name, (kind, coarse, fine) in MOVES.items():
+                if name not in inc.cfg:
+                    continue
+                for move in (coarse if phase == 1 else fine):
+                    value = moved(inc.cfg, name, kind, move)
+                    cfg = {**inc.cfg, name: value}
+                    if value == inc.cfg[name] or not valid(cfg) or (name, json.dumps(value, default=str)) in tried_values:
+                        continue
+                    if k.key(cfg, SEED_BASE) in attempted:
+                        continue
+                    return self._run(inc.run_id, name, value, SEED_BASE,
+                                     f"{name} {inc.cfg[name]!r} -> {value!r}",
+                                     f"{'coarse' if phase == 1 else 'fine'} move of {name} from the incumbent "
+                                     f"(run {inc.run_id}); kept only if it beats {k.incumbent_mean:.4f} by more "
+                                     f"than the noise {k.noise:.4f}")
+        return None
+
+    def _random(self, k: Knowledge, attempted: set[str]):
+        base = k.trials[0]
+        for _ in range(200):
+            cfg = dict(base.cfg)
+            for name, values in RANDOM_SPACE.items():
+                if name in cfg:
+                    cfg[name] = self.rng.choice(values)
+            if valid(cfg) and k.key(cfg, SEED_BASE) not in attempted:
+                changes = {n: v for n, v in cfg.items() if v != base.cfg.get(n)}
+                return self._run_many(base.run_id, changes, "random configuration: " + ", ".join(
+                    f"{n}={v!r}" for n, v in changes.items()), "random search control")
+        return None
+
+    def _run(self, from_run: int, name: str | None, value, seed: int, description: str, hypothesis: str):
+        changes = {name: value} if name else {}
+        return self._run_many(from_run, changes, description, hypothesis, seed)
+
+    def _run_many(self, from_run: int, changes: dict, description: str, hypothesis: str, seed: int = SEED_BASE):
+        code = (self.session_dir / "runs" / f"{from_run:03d}" / "train.py").read_text()
+        calls: list[tuple[str, dict]] = [("restore_run", {"run_id": from_run})]
+        for name, value in changes.items():
+            line = setting_line(code, name)
+            calls.append(("edit_file", {"old_text": line, "new_text": replace_value(line, value)}))
+        args = {"description": description, "hypothesis": hypothesis}
+        if seed != SEED_BASE:
+            args["seed"] = seed
+        calls.append(("submit_run", args))
+        return f"Next: {description}. {hypothesis}.", calls
+
+    # --- conclusions -------------------------------------------------------------
+    def summary(self, k: Knowledge) -> str:
+        if not k.incumbent or k.trials[0].val_bpb is None:
+            return "no verified result"
+        base = k.trials[0].val_bpb
+        changed = {n: v for n, v in k.incumbent.cfg.items() if v != k.trials[0].cfg.get(n)}
+        return (f"best configuration (run {k.incumbent.run_id}) scores {k.incumbent_mean:.4f} against the "
+                f"baseline's {base:.4f}; changes: " + (", ".join(f"{n}={v!r}" for n, v in changed.items()) or "none"))
+
+    def conclusion(self, k: Knowledge) -> str:
+        return (self.summary(k) + f". Noise between seeds: {k.noise or MIN_NOISE:.4f} bpb. Limits of this method: it "
+                "only moves the numbered settings at the top of train.py one at a time, so it cannot change the "
+                "architecture (attention variant, normalisation, optimiser) or find interactions between settings; "
+                "each accepted move costs runs that an informed researcher would skip.")

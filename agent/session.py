@@ -1,0 +1,208 @@
+"""One research session, start to finish: settings, baseline, loop, and the session record."""
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+from rich.console import Console
+
+from agent.approval import ApprovalGate
+from agent.context import Context
+from agent.loop import AgentLoop, LimitReached
+from agent.providers.base import ProviderError
+from agent.tools import Toolbox, Workspace, run_line
+from budget.models import Budget, RunRequest
+from logs.export import build_submission
+from logs.methodology import write_methodology
+from logs.plot import plot_svg
+from logs.trajectory import SessionEvent, Trajectory, now_iso
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ROOT / "prompts"
+BASELINE = ROOT / "trainer" / "baseline_train.py"
+AgentKind = Literal["auto", "anthropic", "openai", "search", "random", "replay"]
+
+
+class SessionSettings(BaseModel):
+    """Everything a session needs; saved in the session folder so --resume reuses it."""
+
+    session_dir: Path
+    agent: AgentKind = "auto"
+    model: str | None = None
+    base_url: str | None = None
+    replay_from: Path | None = None
+    budget: Budget = Field(default_factory=Budget)
+    concurrency: int = Field(1, ge=1)
+    ray_address: str | None = None
+    sandbox: bool = True
+    approve: Literal["none", "runs", "edits", "all"] = "none"
+    max_llm_calls: int | None = Field(None, ge=1)
+    max_cost_usd: float | None = Field(None, gt=0)
+    context_chars: int = Field(40_000, ge=4_000)
+    search_seed: int = 0
+
+
+def pick_agent(settings: SessionSettings) -> str:
+    """`auto`: Anthropic with a key, else OpenAI with a key or base URL, else the offline search agent."""
+    if settings.agent != "auto":
+        return settings.agent
+    if os.environ.get("ANTHROPIC_API_KEY"):
+        return "anthropic"
+    if os.environ.get("OPENAI_API_KEY") or os.environ.get("OPENAI_BASE_URL") or settings.base_url:
+        return "openai"
+    return "search"
+
+
+def make_researcher(kind: str, settings: SessionSettings):
+    if kind in ("search", "random"):
+        from agent.search_agent import SearchResearcher
+        return SearchResearcher(settings.session_dir, "random" if kind == "random" else "coordinate",
+                                rng_seed=settings.search_seed)
+    if kind == "replay":
+        from agent.replay_provider import ReplayProvider
+        if not settings.replay_from:
+            raise ProviderError("--agent replay needs the recorded session folder (pgolf-agent replay SESSION)")
+        return ReplayProvider(settings.replay_from)
+    from agent.providers import make_provider
+    return make_provider(kind, settings.model, settings.base_url)
+
+
+def hardware() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"a GPU ({torch.cuda.get_device_name(0)})"
+    return f"{os.cpu_count()} CPU cores, no GPU"
+
+
+class Session:
+    def __init__(self, settings: SessionSettings, console: Console | None = None, service=None):
+        self.settings = settings
+        self.console = console or Console()
+        self.dir = Path(settings.session_dir)
+        self.trajectory = Trajectory(self.dir / "trajectory.jsonl")
+        self.workspace = Workspace(self.dir)
+        self.service = service
+        self.stop_reason = ""
+
+    # --- set-up ----------------------------------------------------------------
+    def _open(self):
+        self.dir.mkdir(parents=True, exist_ok=True)
+        settings_file = self.dir / "settings.json"
+        resumed = settings_file.exists()
+        if not resumed:
+            settings_file.write_text(self.settings.model_dump_json(indent=1))
+        if self.service is None:
+            from budget.service import ServiceSettings, TrainingService
+            self.service = TrainingService(ServiceSettings(
+                session_dir=self.dir, budget=self.settings.budget, concurrency=self.settings.concurrency,
+                ray_address=self.settings.ray_address, sandbox=self.settings.sandbox))
+        if not self.workspace.train_path.exists():
+            self.workspace.write(BASELINE.read_text())
+        self.workspace.load_notes()
+        return resumed
+
+    def _baseline(self):
+        if self.service.runs():
+            return
+        self.console.print("[bold]run 0[/bold]: the unmodified baseline")
+        self.service.submit(RunRequest(train_code=BASELINE.read_text(), description="baseline (unmodified)",
+                                       hypothesis="reference point for every later run"),
+                            wait=True, on_progress=self._progress)
+
+    def _progress(self, info) -> None:
+        if self.console.is_terminal:
+            self.console.print(f"  [dim]{info}[/dim]", end="\r")
+
+    def state(self) -> str:
+        """The compact state always present in a request: run table, notes, best and working code."""
+        runs = self.service.runs()
+        best = min((r for r in runs if r.counts_as_best), key=lambda r: r.val_bpb, default=None)
+        parts = ["## Runs", *(run_line(r) for r in runs)]
+        if self.workspace.notes:
+            parts += ["", "## Your notes so far", *(f"- [{n.kind}] {n.text}" for n in self.workspace.notes[-30:])]
+        working = self.workspace.code()
+        if best is not None:
+            best_code = (self.dir / "runs" / f"{best.run_id:03d}" / "train.py").read_text()
+            parts += ["", f"## Best verified run: {best.run_id} (val_bpb {best.val_bpb:.4f})"]
+            if best_code == working:
+                parts.append("The working train.py is identical to the best run's code.")
+            else:
+                parts += [f"Best run's code:\n```python\n{best_code}\n```"]
+        parts += ["", f"## Working train.py\n```python\n{working}\n```"]
+        return "\n".join(parts)
+
+    def _task(self) -> str:
+        b = self.settings.budget
+        runs = self.service.runs()
+        baseline = json.dumps({k: getattr(runs[0], k) for k in ("val_bpb", "total_steps", "num_params_M",
+                                                                 "training_secs")}) if runs else "(not run)"
+        task = (PROMPTS / "task.txt").read_text().format(
+            max_runs=b.max_runs, session_hours=b.session_secs / 3600, time_budget=b.time_budget_secs,
+            timeout=b.run_timeout_secs, hardware=hardware(), baseline=baseline)
+        return task + "\n\n" + (PROMPTS / "habits.txt").read_text()
+
+    # --- the session -------------------------------------------------------------
+    def run(self) -> str:
+        resumed = self._open()
+        kind = pick_agent(self.settings)
+        researcher = make_researcher(kind, self.settings)
+        self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
+                           + (" — no API key found, so the offline search agent runs" if
+                              self.settings.agent == "auto" and kind == "search" else ""))
+        self.trajectory.append(SessionEvent(event="resume" if resumed else "start", detail={
+            "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json())}))
+        try:
+            self._baseline()
+            toolbox = Toolbox(self.workspace, self.service, on_progress=self._progress)
+            approval = None
+            if self.settings.approve != "none":
+                approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
+            loop = AgentLoop(researcher, toolbox, self.trajectory,
+                             Context(self.state, max_chars=self.settings.context_chars),
+                             (PROMPTS / "system.txt").read_text() + "\n" + self._task(), approval=approval,
+                             max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
+                             run_timeout=self.settings.budget.run_timeout_secs)
+            self.stop_reason = loop.run()
+        except LimitReached as exc:
+            self.stop_reason = str(exc)
+        except ProviderError as exc:
+            self.stop_reason = f"model provider error: {exc}"
+            self.console.print(f"[red]{exc}[/red]")
+        except KeyboardInterrupt:
+            self.stop_reason = "interrupted by the user (Ctrl-C); the run in flight was cancelled"
+            self.service.cancel_all()
+        finally:
+            self.trajectory.append(SessionEvent(event="end", detail={"reason": self.stop_reason}))
+            self.finish(researcher.model)
+        return self.stop_reason
+
+    def _best_code(self) -> str:
+        best = self.service.status().best_run_id
+        path = self.dir / "runs" / f"{best:03d}" / "train.py" if best is not None else BASELINE
+        return path.read_text()
+
+    def finish(self, model_id: str) -> None:
+        """Write the session record: methodology, best code, plot, export."""
+        runs = self.service.runs()
+        status = self.service.status()
+        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.stop_reason)
+        (self.dir / "methodology.md").write_text(methodology)
+        best_code = self._best_code()
+        (self.dir / "best_train.py").write_text(best_code)
+        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
+        events = self.trajectory.events()
+        started = events[0].ts if events else now_iso()
+        submission = build_submission(best_code, methodology, events, model_id, started, now_iso())
+        (self.dir / "submission.json").write_text(submission.model_dump_json(indent=1))
+        table = "\n".join(run_line(r) for r in runs)
+        self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\n"
+                           f"best verified val_bpb: {status.best_val_bpb} (run {status.best_run_id})\n"
+                           f"session record: {self.dir}")
+
+
+def new_session_dir(root: Path = Path("sessions")) -> Path:
+    return root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")

@@ -1,0 +1,76 @@
+"""Tool behaviour on a real workspace, and the bounded context."""
+from pathlib import Path
+
+import pytest
+
+from agent.context import Context
+from agent.providers.base import AssistantMessage, ToolCall, ToolResult, UserMessage
+from agent.tools import Toolbox, ToolFailure, Workspace
+
+BASELINE = (Path(__file__).resolve().parents[1] / "trainer" / "baseline_train.py").read_text()
+
+
+@pytest.fixture
+def toolbox(tmp_path):
+    ws = Workspace(tmp_path)
+    ws.write(BASELINE)
+    run0 = tmp_path / "runs" / "000"
+    run0.mkdir(parents=True)
+    (run0 / "train.py").write_text(BASELINE)
+    (run0 / "stderr.log").write_text("step 100 | loss 2.1\n")
+    return Toolbox(ws, service=None)
+
+
+def test_edit_replaces_one_exact_unique_occurrence(toolbox):
+    out = toolbox.execute("edit_file", {"old_text": "learning_rate = 3e-3", "new_text": "learning_rate = 6e-3"})
+    assert "+learning_rate = 6e-3" in out and "learning_rate = 6e-3" in toolbox.ws.code()
+
+
+def test_edit_that_does_not_match_shows_the_nearest_lines(toolbox):
+    with pytest.raises(ToolFailure) as info:
+        toolbox.execute("edit_file", {"old_text": "learning_rate = 3e-4", "new_text": "x"})
+    assert "not found" in str(info.value) and "learning_rate = 3e-3" in str(info.value)
+    assert toolbox.ws.code() == BASELINE
+
+
+def test_edit_that_matches_twice_is_refused(toolbox):
+    with pytest.raises(ToolFailure, match="occurs"):
+        toolbox.execute("edit_file", {"old_text": "import ", "new_text": "import  "})
+
+
+def test_read_files_and_restore(toolbox):
+    assert "evaluate_bpb" in toolbox.execute("read_file", {"path": "prepare.py"})
+    assert "loss 2.1" in toolbox.execute("read_file", {"path": "runs/0/stderr.log"})
+    with pytest.raises(ToolFailure, match="readable files"):
+        toolbox.execute("read_file", {"path": "/etc/passwd"})
+    toolbox.execute("write_file", {"content": "print('x')\n"})
+    toolbox.execute("restore_run", {"run_id": 0})
+    assert toolbox.ws.code() == BASELINE
+
+
+def test_unknown_tool_and_bad_arguments_are_actionable(toolbox):
+    with pytest.raises(ToolFailure, match="unknown tool"):
+        toolbox.execute("rm_rf", {})
+    with pytest.raises(ToolFailure, match="bad arguments"):
+        toolbox.execute("read_file", {"file": "train.py"})
+
+
+def test_context_stays_bounded_and_keeps_the_latest_turns():
+    ctx = Context(lambda: "run table", max_chars=5_000)
+    for i in range(200):
+        call = ToolCall(id=f"c{i}", name="read_file", arguments={"path": "train.py"}, raw_arguments="{}")
+        ctx.add(AssistantMessage(text=f"turn {i}", tool_calls=[call]))
+        ctx.add(ToolResult(tool_call_id=f"c{i}", name="read_file", content="x" * 900))
+    msgs = ctx.messages()
+    size = sum(len(getattr(m, "content", "") or getattr(m, "text", "")) for m in msgs)
+    assert size < 6_000
+    assert isinstance(msgs[0], UserMessage) and "earlier turns are summarised" in msgs[0].content
+    assert msgs[-2].text == "turn 199" and isinstance(msgs[1], AssistantMessage)
+
+
+def test_notice_joins_the_last_tool_result_to_keep_alternation():
+    ctx = Context(lambda: "s")
+    ctx.add(AssistantMessage(text="", tool_calls=[ToolCall(id="a", name="list_runs", arguments={}, raw_arguments="{}")]))
+    ctx.add(ToolResult(tool_call_id="a", name="list_runs", content="no runs yet"))
+    ctx.notice("The budget is spent")
+    assert len(ctx.history) == 2 and ctx.history[-1].content.endswith("The budget is spent")
