@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     session_args(p)
     p.set_defaults(func=cmd_replay, model=None, base_url=None)
 
+    from budget.cli import add_commands
+    add_commands(sub)
+
     p = sub.add_parser("doctor", help="check Python, torch, Ray, the sandbox, the corpus and API keys")
     p.set_defaults(func=cmd_doctor)
     return parser

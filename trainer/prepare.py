@@ -219,10 +219,14 @@ _handed_off = False
 
 def _hand_off(model, device: str) -> float:
     global _handed_off
+    rfd, wfd = (int(v) for v in os.environ[HANDOFF_ENV].split(","))
     if _handed_off:
+        try:  # a second `ready` tells the evaluator, which flags the run
+            send_frame(wfd, {"op": "ready"})
+        except OSError:
+            pass
         raise RuntimeError("evaluate_bpb may be called once per run")
     _handed_off = True
-    rfd, wfd = (int(v) for v in os.environ[HANDOFF_ENV].split(","))
     send_frame(wfd, {"op": "ready"})  # stops the training clock
     model.eval()
     while True:

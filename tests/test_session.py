@@ -1,0 +1,105 @@
+"""Whole sessions on the real service: the offline researcher, a stub LLM over the real SDK, and resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.session import Session, SessionSettings
+from budget.models import Budget
+from logs.export import Submission
+from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, read_events
+from tests.stub_llm_server import StubLLMServer
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Budget(max_runs=3, session_secs=1800, time_budget_secs=2, run_timeout_secs=40)
+
+
+def check_record(session_dir: Path, runs_expected: int):
+    settings = SessionSettings.model_validate_json((session_dir / "settings.json").read_text())
+    assert settings.session_dir == session_dir
+    results = [json.loads(p.read_text()) for p in sorted(session_dir.glob("runs/*/result.json"))]
+    assert len(results) == runs_expected
+    events = read_events(session_dir / "trajectory.jsonl")
+    submits = [e for e in events if isinstance(e, ToolCallEvent) and e.tool == "submit_run" and not e.error]
+    assert len(submits) == runs_expected - 1  # run 0 is the harness's
+    sub = Submission.model_validate_json((session_dir / "submission.json").read_text())
+    assert sub.metadata.tool_call_count == sum(isinstance(e, ToolCallEvent) for e in events)
+    assert "| run |" in (session_dir / "methodology.md").read_text()
+    assert (session_dir / "best_train.py").read_text().strip()
+    assert (session_dir / "val_bpb.svg").read_text().startswith("<svg")
+    return results, events
+
+
+def test_search_session_spends_the_budget_exactly(tmp_path, corpus):
+    d = tmp_path / "s"
+    reason = Session(SessionSettings(session_dir=d, agent="search", budget=TINY)).run()
+    assert reason.startswith("budget spent")
+    results, events = check_record(d, 3)
+    assert results[0]["description"].startswith("baseline") and results[0]["verified"]
+    assert results[1]["seed"] == 43  # noise measurement first
+    assert any(isinstance(e, ToolCallEvent) and e.tool == "finish" for e in events)
+    assert "conclusion" in (d / "notes.jsonl").read_text()
+
+
+def stub_researcher(request):
+    """Edits the learning rate, runs, sends one malformed call, then concludes when told the budget is spent."""
+    last = request.last_tool_result()
+    if last is None:
+        return {"text": "raise the learning rate", "tool_calls": [
+            {"name": "edit_file", "arguments": {"old_text": "learning_rate = 3e-3", "new_text": "learning_rate = 5e-3"}},
+            {"name": "submit_run", "arguments": {"description": "lr 5e-3", "hypothesis": "faster progress"}}]}
+    if "The budget is spent" in last:
+        return {"tool_calls": [{"name": "write_note", "arguments": {"kind": "conclusion", "text": "lr helps"}},
+                               {"name": "finish", "arguments": {"summary": "done"}}]}
+    if "malformed" not in json.dumps(request.body):
+        return {"text": "malformed on purpose", "tool_calls": [{"name": "list_runs", "arguments": "{not json"}]}
+    return {"tool_calls": [{"name": "submit_run", "arguments": {"description": "lr 5e-3 seed 7", "hypothesis": "noise", "seed": 7}}]}
+
+
+@pytest.mark.parametrize("api", ["openai", "anthropic"])
+def test_stub_llm_session_over_the_real_sdk(tmp_path, corpus, api, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY" if api == "anthropic" else "OPENAI_API_KEY", "dummy")
+    with StubLLMServer(handler=stub_researcher) as stub:
+        d = tmp_path / "s"
+        settings = SessionSettings(session_dir=d, agent=api, base_url=stub.base_url(api), budget=TINY)
+        reason = Session(settings).run()
+        assert not stub.errors
+    assert "finished: done" in reason
+    results, events = check_record(d, 3)
+    assert "learning_rate = 5e-3" in (d / "runs" / "001" / "train.py").read_text()
+    llm = [e for e in events if isinstance(e, LLMCallEvent)]
+    assert len(llm) == len(stub.requests) and all(e.input_tokens > 0 for e in llm)
+    assert any(isinstance(e, ToolCallEvent) and e.error and "could not be read" in e.error for e in events)
+
+
+def test_kill_9_mid_run_then_resume(tmp_path, corpus):
+    d = tmp_path / "s"
+    cmd = [sys.executable, "-m", "agent.cli", "run", "--agent", "search", "--budget", "4",
+           "--time-budget", "8", "--timeout", "60", "--session", str(d)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while not (d / "runs" / "001" / "train.py").exists():  # run 1 is in flight
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(2)
+    resumed = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--resume", str(d)], cwd=ROOT,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    ledger_runs = json.loads(subprocess.run(
+        [sys.executable, "-m", "agent.cli", "service", "status", "--session", str(d), "--json"],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout)
+    statuses = [r["status"] for r in ledger_runs["runs"]]
+    assert len(statuses) == 4 and statuses[1] == "interrupted" and ledger_runs["status"]["runs_remaining"] == 0
+    events = read_events(d / "trajectory.jsonl")
+    assert any(isinstance(e, SessionEvent) and e.event == "resume" for e in events)
+    assert not subprocess.run(["pgrep", "-f", str(d / "runs")], capture_output=True).stdout  # no leftover trainer
