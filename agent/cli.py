@@ -59,20 +59,14 @@ ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is abse
 def session_settings(args, session_dir):
     """Flags > environment > defaults, validated by pydantic."""
     from agent.session import SessionSettings
-    from budget.models import Budget
+    from budget.cli import budget_from_flags
 
     values = {}
     for flag, var in ENV_DEFAULTS.items():
         value = getattr(args, flag, None) or os.environ.get(var)
         if value:
             values[flag] = value
-    budget = {k: v for k, v in (("max_runs", args.budget),
-                                ("session_secs", args.hours * 3600 if args.hours else None),
-                                ("time_budget_secs", args.time_budget), ("run_timeout_secs", args.timeout))
-              if v is not None}
-    if "time_budget_secs" in budget and "run_timeout_secs" not in budget:
-        budget["run_timeout_secs"] = budget["time_budget_secs"] + 30  # eval and start-up
-    return SessionSettings(session_dir=session_dir, budget=Budget(**budget), concurrency=args.concurrency,
+    return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
                            sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
                            max_cost_usd=args.max_cost, replay_from=getattr(args, "replay_from", None), **values)
 
@@ -125,6 +119,31 @@ def cmd_replay(args) -> int:
     return cmd_run(args)
 
 
+def cmd_export(args) -> int:
+    """Rebuild a session's record (also one whose harness was killed) from its ledger and trajectory."""
+    from agent.session import Session, SessionSettings
+    from budget.ledger import Ledger, SessionNotFound
+    from logs.trajectory import SessionEvent, read_events
+
+    session_dir = Path(args.session)
+    try:
+        settings = SessionSettings.model_validate_json((session_dir / "settings.json").read_text())
+        ledger = Ledger.open(session_dir, exclusive=False)
+    except (FileNotFoundError, SessionNotFound):
+        err.print(f"[red]error:[/red] {session_dir} is not a session folder (no settings.json or ledger)")
+        return 2
+    starts = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent) and e.event == "start"]
+    ends = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent) and e.event == "end"]
+    session = Session(settings, console, service=ledger)
+    session.workspace.load_notes()
+    session.stop_reason = ends[-1].detail.get("reason", "") if ends else "the harness stopped without finishing"
+    try:
+        session.finish(starts[0].detail.get("model", "unknown") if starts else "unknown")
+    finally:
+        ledger.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgolf-agent",
@@ -169,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="the recorded session folder")
     session_args(p)
     p.set_defaults(func=cmd_replay, model=None, base_url=None)
+
+    p = sub.add_parser("export", help="rebuild a session's methodology, best code, plot and submission.json")
+    p.add_argument("session", help="the session folder")
+    p.set_defaults(func=cmd_export)
 
     from budget.cli import add_commands
     add_commands(sub)

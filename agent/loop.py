@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 
+from rich.markup import escape
+
 from agent.context import Context
 from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult
 from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
@@ -40,7 +42,8 @@ class CostLimit(LimitReached):
 class AgentLoop:
     def __init__(self, provider: Provider, toolbox: Toolbox, trajectory: Trajectory, context: Context,
                  system: str, approval=None, max_llm_calls: int | None = None, max_cost_usd: float | None = None,
-                 price_per_mtok: tuple[float, float] | None = None, max_malformed: int = 3, run_timeout: float = 210):
+                 price_per_mtok: tuple[float, float] | None = None, max_malformed: int = 3, run_timeout: float = 210,
+                 console=None):
         self.provider = provider
         self.tools = toolbox
         self.trajectory = trajectory
@@ -52,6 +55,7 @@ class AgentLoop:
         self.price = price_per_mtok
         self.max_malformed = max_malformed
         self.run_timeout = run_timeout
+        self.console = console  # rich Console for a one-line account of each tool call, or None
         self.llm_calls = 0
         self.cost_usd = 0.0
         self.malformed = 0
@@ -100,6 +104,7 @@ class AgentLoop:
             raise
         text = (error or output) + "\n" + self.tools.budget_line()
         self._record(call, output, error, started)
+        self._show(call, output, error)
         return ToolResult(tool_call_id=call.id, name=call.name, content=text, is_error=error is not None)
 
     def _record(self, call: ToolCall, output: str, error: str | None, started: float) -> None:
@@ -107,6 +112,21 @@ class AgentLoop:
             tool=call.name, input=call.raw_arguments or json.dumps(call.arguments or {}), output=output or None,
             error=error, duration_ms=int((time.monotonic() - started) * 1000),
             metadata={"tool_call_id": call.id, **self._budget_meta()}))
+
+    def _show(self, call: ToolCall, output: str, error: str | None) -> None:
+        if self.console is None:
+            return
+        if error:
+            self.console.print(f"  {call.name}: [yellow]{escape(error.splitlines()[0][:160])}[/yellow]")
+        elif call.name == "submit_run" and output.startswith("{"):
+            r = json.loads(output)
+            bpb = f"{r['val_bpb']:.4f}" if r.get("val_bpb") is not None else "-"
+            self.console.print(f"[bold]run {r['run_id']}[/bold] {r['status']} val_bpb {bpb}  "
+                               f"{escape((call.arguments or {}).get('description', ''))[:100]}")
+        elif call.name in ("write_note", "finish"):
+            args = call.arguments or {}
+            text = args.get("text") or args.get("summary") or ""
+            self.console.print(f"  [dim]{call.name}: {escape(text[:200])}[/dim]")
 
     def _budget_meta(self) -> dict:
         s = self.tools.service.status()

@@ -305,10 +305,16 @@ class SearchResearcher:
     def summary(self, k: Knowledge) -> str:
         if not k.incumbent or k.trials[0].val_bpb is None:
             return "no verified result"
-        base = k.trials[0].val_bpb
-        changed = {n: v for n, v in k.incumbent.cfg.items() if v != k.trials[0].cfg.get(n)}
-        return (f"best configuration (run {k.incumbent.run_id}) scores {k.incumbent_mean:.4f} against the "
-                f"baseline's {base:.4f}; changes: " + (", ".join(f"{n}={v!r}" for n, v in changed.items()) or "none"))
+        base_scores = k.scores(k.trials[0].cfg)
+        base = sum(base_scores) / len(base_scores)
+        n = len(k.scores(k.incumbent.cfg))
+        if k.incumbent.cfg == k.trials[0].cfg:
+            return (f"no change beat the baseline (mean {base:.4f} over {len(base_scores)} seed(s)) by more than "
+                    f"the noise")
+        changed = {name: v for name, v in k.incumbent.cfg.items() if v != k.trials[0].cfg.get(name)}
+        return (f"best configuration (run {k.incumbent.run_id}, mean {k.incumbent_mean:.4f} over {n} seed(s)) "
+                f"against the baseline's mean {base:.4f}; changes: "
+                + ", ".join(f"{name}={v!r}" for name, v in changed.items()))
 
     def conclusion(self, k: Knowledge) -> str:
         return (self.summary(k) + f". Noise between seeds: {k.noise or MIN_NOISE:.4f} bpb. Limits of this method: it "

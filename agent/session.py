@@ -15,6 +15,7 @@ from agent.context import Context
 from agent.loop import AgentLoop, LimitReached
 from agent.providers.base import ProviderError
 from agent.tools import Toolbox, Workspace, run_line
+from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
 from logs.export import build_submission
 from logs.methodology import write_methodology
@@ -109,13 +110,11 @@ class Session:
         if self.service.runs():
             return
         self.console.print("[bold]run 0[/bold]: the unmodified baseline")
-        self.service.submit(RunRequest(train_code=BASELINE.read_text(), description="baseline (unmodified)",
+        with ProgressPrinter() as progress:
+            result = self.service.submit(RunRequest(train_code=BASELINE.read_text(), description="baseline (unmodified)",
                                        hypothesis="reference point for every later run"),
-                            wait=True, on_progress=self._progress)
-
-    def _progress(self, info) -> None:
-        if self.console.is_terminal:
-            self.console.print(f"  [dim]{info}[/dim]", end="\r")
+                            wait=True, on_progress=progress)
+        self.console.print(run_line(result))
 
     def state(self) -> str:
         """The compact state always present in a request: run table, notes, best and working code."""
@@ -157,7 +156,7 @@ class Session:
             "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json())}))
         try:
             self._baseline()
-            toolbox = Toolbox(self.workspace, self.service, on_progress=self._progress)
+            toolbox = Toolbox(self.workspace, self.service, progress=ProgressPrinter)
             approval = None
             if self.settings.approve != "none":
                 approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
@@ -165,7 +164,7 @@ class Session:
                              Context(self.state, max_chars=self.settings.context_chars),
                              (PROMPTS / "system.txt").read_text() + "\n" + self._task(), approval=approval,
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
-                             run_timeout=self.settings.budget.run_timeout_secs)
+                             run_timeout=self.settings.budget.run_timeout_secs, console=self.console)
             self.stop_reason = loop.run()
         except LimitReached as exc:
             self.stop_reason = str(exc)

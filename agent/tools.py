@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -139,10 +140,10 @@ def nearest_lines(code: str, wanted: str, n: int = 3) -> str:
 class Toolbox:
     """Executes tool calls against the workspace and the training service."""
 
-    def __init__(self, workspace: Workspace, service, on_progress: Callable | None = None):
+    def __init__(self, workspace: Workspace, service, progress: Callable | None = None):
         self.ws = workspace
         self.service = service
-        self.on_progress = on_progress
+        self.progress = progress or nullcontext  # () -> context manager yielding an on_progress callback
         self.pending: list[int] = []
 
     def budget_line(self) -> str:
@@ -219,7 +220,8 @@ class Toolbox:
                 run_id = self.service.submit_async(request)
                 self.pending.append(run_id)
                 return f"run {run_id} started; call wait_runs to collect its result"
-            result = self.service.submit(request, wait=True, on_progress=self.on_progress)
+            with self.progress() as on_progress:
+                result = self.service.submit(request, wait=True, on_progress=on_progress)
         except RunRefused as exc:
             raise ToolFailure(f"refused, no run charged: {exc}") from None
         return json.dumps(result_summary(result))

@@ -1,5 +1,6 @@
 """The sandbox runner and the trusted evaluator, end to end: real bwrap, real processes, tiny budgets."""
 import json
+import sys
 import os
 import shutil
 import socket
@@ -171,7 +172,8 @@ def test_fork_bomb_is_contained(corpus, tmp_path):
     """
     result = run(corpus, tmp_path, code, max_procs=32)
     out = printed(result)
-    assert out["forked"] < 32 and "Resource temporarily unavailable" in out["error"]
+    # the cap is 32 tasks plus those uid 65534 already runs on the host (other sandboxes, daemons): a few
+    assert out["forked"] < 100 and "Resource temporarily unavailable" in out["error"]
     assert result.status == RunStatus.unverified and result.reasons == [NEVER_EVALUATED]
 
 
@@ -255,9 +257,12 @@ def test_ray_files_and_keys_are_invisible(corpus, tmp_path, monkeypatch):
                       "leaked": [k for k in os.environ if k.startswith("RAY_") or "KEY" in k]}}))
     """
     out = printed(run(corpus, tmp_path, code))
-    # /tmp is a fresh tmpfs: only the folders leading to the run directory (tmp_path is under /tmp) exist
-    assert out["tmp"] == [tmp_path.relative_to("/tmp").parts[0]] and out["ray"] is False and out["secret"] is False
-    assert out["leaked"] == [] and out["root"] in (None, [".pyenv"])  # at most the Python installation, read-only
+    # /tmp is a fresh tmpfs: only the folders leading to the run directory and to the Python installation exist
+    bound = [Path(p).resolve() for p in (tmp_path, sys.prefix, sys.base_prefix)]
+    expected = {p.relative_to("/tmp").parts[0] for p in bound if p.is_relative_to("/tmp")}
+    assert set(out["tmp"]) == expected and out["ray"] is False and out["secret"] is False
+    in_root = {p.relative_to("/root").parts[0] for p in bound if p.is_relative_to("/root")}
+    assert out["leaked"] == [] and (out["root"] is None or set(out["root"]) <= in_root)  # only what runs Python
 
 
 def test_runs_as_an_unprivileged_uid_with_a_read_only_system(corpus, tmp_path):
@@ -296,7 +301,7 @@ def test_run_dir_is_left_with_plain_files_only(corpus, tmp_path):
     run_dir = tmp_path / "run"
     assert victim.read_text() == "untouched"
     assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.bin", "prepare.py", "result.json",
-                                                         "stderr.log", "stdout.log", "train.py"]
+                                                         "stderr.log", "stdout.log", "subword.py", "train.py"]
     assert all(p.is_file() and not p.is_symlink() for p in run_dir.iterdir())
     assert "os.mkfifo" in (run_dir / "train.py").read_text()  # the code that ran, restored
     assert json.loads((run_dir / "result.json").read_text())["status"] == "unverified"

@@ -73,6 +73,7 @@ TAIL_CHARS = 4000
 WATCH_SECS = 0.25           # how often the watchdog checks the clock, the cancel flag and the caps
 KILL_WAIT_SECS = 5.0        # how long to keep killing stragglers before reporting them
 MARKER_ENV = "PGOLF_RUN_MARKER"
+FIXED_MODULES = ("prepare.py", "subword.py")  # read-only modules copied beside train.py
 SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
 NEVER_EVALUATED = "the script never called evaluate_bpb; its printed val_bpb cannot be verified"
 
@@ -138,9 +139,11 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
 
     run_dir.mkdir(parents=True, exist_ok=True)
     _keep_regular_files(run_dir)  # a run dir reused after a crash may hold a previous run's symlinks
-    prepare_source = Path(prepare.__file__).read_bytes()
+    # the fixed modules a train.py may import, beside it in the run folder
+    fixed = {name: (Path(prepare.__file__).parent / name).read_bytes() for name in FIXED_MODULES}
     _write_file(run_dir / "train.py", code.encode())
-    _write_file(run_dir / "prepare.py", prepare_source)
+    for name, source in fixed.items():
+        _write_file(run_dir / name, source)
     drop_uid = bwrap is not None and os.geteuid() == 0
     if drop_uid:
         os.chown(run_dir, SANDBOX_UID, SANDBOX_UID)  # the run's cwd is the one place it may write
@@ -211,7 +214,8 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
     # What the run left is read later by the harness: plain files only, and no longer writable by the sandbox uid
     _keep_regular_files(run_dir, owner=(os.geteuid(), os.getegid()) if drop_uid else None)
     _write_file(run_dir / "train.py", code.encode())
-    _write_file(run_dir / "prepare.py", prepare_source)
+    for name, source in fixed.items():
+        _write_file(run_dir / name, source)
     _write_file(run_dir / "result.json", result.model_dump_json(indent=2).encode())
     return result
 

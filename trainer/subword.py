@@ -211,6 +211,7 @@ def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name, suffix=".tmp", delete=False) as f:
         f.write(data)
+    os.chmod(f.name, 0o644)  # readable like the corpus cache, not only by its writer
     os.replace(f.name, path)
 
 
@@ -252,17 +253,18 @@ def subword_eval_windows(tok: SubwordTokenizer, val: torch.Tensor) -> tuple[torc
     """
     span = prepare.eval_windows(val)[1].flatten().to(torch.uint8).numpy().tobytes()
     ids = torch.tensor(tok.encode(span), dtype=torch.long)
+    counted = int(tok.token_bytes[ids].sum())
+    if counted != len(span):
+        raise RuntimeError(f"the eval span's {len(span)} bytes encode to tokens worth {counted} bytes: this "
+                           "tokenizer's token_bytes are not exact, so its bits per byte would be wrong")
+    bos = tok.get_bos_token_id()
     n_rows = -(-len(ids) // prepare.MAX_SEQ_LEN)
-    body = torch.full((n_rows * prepare.MAX_SEQ_LEN,), tok.get_bos_token_id(), dtype=torch.long)
-    body[:len(ids)] = ids
-    mask = (torch.arange(len(body)) < len(ids)).view(n_rows, -1)
-    body = body.view(n_rows, -1)
-    bos = torch.full((n_rows, 1), tok.get_bos_token_id(), dtype=torch.long)
-    x = torch.cat([bos, body[:, :-1]], dim=1)
-    if int(tok.token_bytes[ids].sum()) != len(span):
-        raise RuntimeError(f"the eval span's {len(span)} bytes encode to tokens worth {int(tok.token_bytes[ids].sum())} "
-                           "bytes: this tokenizer's token_bytes are not exact, so its bits per byte would be wrong")
-    return x, body, mask
+    y = torch.full((n_rows * prepare.MAX_SEQ_LEN,), bos, dtype=torch.long)
+    y[:len(ids)] = ids
+    mask = (torch.arange(len(y)) < len(ids)).view(n_rows, -1)
+    y = y.view(n_rows, -1)
+    x = torch.cat([torch.full((n_rows, 1), bos, dtype=torch.long), y[:, :-1]], dim=1)
+    return x, y, mask
 
 
 def _logits(model, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
