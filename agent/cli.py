@@ -42,7 +42,7 @@ def cmd_doctor(args) -> int:
         table.add_column(col)
     for c in checks:
         status = "[green]ok[/green]" if c.ok else ("[red]FAIL[/red]" if c.required else "[yellow]--[/yellow]")
-        table.add_row(c.name, status, c.detail, c.fix)
+        table.add_row(c.name, status, c.detail, "" if c.ok and c.required else c.fix)
     console.print(table)
     failed = [c for c in checks if c.required and not c.ok]
     if failed:

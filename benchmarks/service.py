@@ -1,0 +1,79 @@
+"""The training service: harness overhead per run and memory of the idle service (Ray included).
+
+    python benchmarks/service.py [TIME_BUDGET]
+
+Overhead = wall time from submit to result minus the training seconds the
+harness measured (script start to evaluate_bpb). Memory = RSS and PSS summed
+over the driver and every process it started (Ray's included), right after
+the service opens and again after the run.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def tree(pid: int) -> set[int]:
+    out, todo = {pid}, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                children = Path(f"/proc/{p}/task/{tid}/children").read_text().split()
+                for c in map(int, children):
+                    if c not in out:
+                        out.add(c)
+                        todo.append(c)
+        except OSError:
+            pass
+    return out
+
+
+def memory_mib() -> tuple[float, float, int]:
+    rss = pss = 0
+    pids = tree(os.getpid())
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return rss / 1024, pss / 1024, len(pids)
+
+
+def main(time_budget: float = 180) -> dict:
+    from budget.models import Budget, RunRequest, ServiceSettings
+    from budget.service import TrainingService
+
+    code = (ROOT / "trainer" / "baseline_train.py").read_text()
+    with tempfile.TemporaryDirectory() as tmp:
+        budget = Budget(time_budget_secs=time_budget, run_timeout_secs=time_budget + 30)
+        with TrainingService(ServiceSettings(session_dir=Path(tmp) / "s", budget=budget)) as service:
+            time.sleep(2)
+            idle = memory_mib()
+            t0 = time.monotonic()
+            r = service.submit(RunRequest(train_code=code, description="baseline"), wait=True)
+            wall = time.monotonic() - t0
+            after = memory_mib()
+    overhead = wall - r.training_secs
+    print(f"baseline at {time_budget:g} s through the service: val_bpb {r.val_bpb:.4f} (verified {r.verified}), "
+          f"{r.total_steps} steps, {r.total_steps * 8 * 256 / time_budget:.0f} tok/s")
+    print(f"harness overhead: {wall:.1f} s submit-to-result - {r.training_secs:.1f} s training clock = "
+          f"{overhead:.1f} s (target <= 10 s)")
+    print(f"idle service memory: RSS {idle[0]:.0f} MiB, PSS {idle[1]:.0f} MiB over {idle[2]} processes; "
+          f"after one run: RSS {after[0]:.0f} MiB, PSS {after[1]:.0f} MiB")
+    return {"val_bpb": r.val_bpb, "steps": r.total_steps, "overhead_secs": round(overhead, 1),
+            "idle_rss_mib": round(idle[0]), "idle_pss_mib": round(idle[1])}
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 180)
