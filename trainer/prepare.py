@@ -142,17 +142,17 @@ def eval_windows(val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def logits_of(model, x: torch.Tensor) -> torch.Tensor:
-    """model(x) as float32 logits of shape (n, T, VOCAB_SIZE), or a clear error."""
+def logits_of(model, x: torch.Tensor, vocab_size: int = VOCAB_SIZE, caller: str = "evaluate_bpb") -> torch.Tensor:
+    """model(x) as float32 logits of shape (n, T, vocab_size), or a clear error."""
     out = model(x)
     if isinstance(out, (tuple, list)):  # (logits, loss)-style models
         out = out[0]
     if not isinstance(out, torch.Tensor):
-        raise TypeError(f"evaluate_bpb: model(x) returned {type(out).__name__}; it must return logits "
-                        f"of shape (B, T, {VOCAB_SIZE}) when called without targets")
-    expected = (x.shape[0], x.shape[1], VOCAB_SIZE)
+        raise TypeError(f"{caller}: model(x) returned {type(out).__name__}; it must return logits "
+                        f"of shape (B, T, {vocab_size}) when called without targets")
+    expected = (x.shape[0], x.shape[1], vocab_size)
     if tuple(out.shape) != expected:
-        raise ValueError(f"evaluate_bpb: model(x) returned shape {tuple(out.shape)}, expected {expected} "
+        raise ValueError(f"{caller}: model(x) returned shape {tuple(out.shape)}, expected {expected} "
                          "(batch, time, vocab): return logits, not a loss or probabilities")
     return out.detach().float().cpu()
 

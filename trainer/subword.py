@@ -267,21 +267,6 @@ def subword_eval_windows(tok: SubwordTokenizer, val: torch.Tensor) -> tuple[torc
     return x, y, mask
 
 
-def _logits(model, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """model(x) as float32 logits of shape (n, T, vocab_size), or a clear error."""
-    out = model(x)
-    if isinstance(out, (tuple, list)):  # (logits, loss)-style models
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"evaluate_subword_bpb: model(x) returned {type(out).__name__}; it must return logits "
-                        f"of shape (B, T, {vocab_size}) when called without targets")
-    expected = (x.shape[0], x.shape[1], vocab_size)
-    if tuple(out.shape) != expected:
-        raise ValueError(f"evaluate_subword_bpb: model(x) returned shape {tuple(out.shape)}, expected {expected} "
-                         "(batch, time, tokenizer vocab size): return logits, not a loss or probabilities")
-    return out.detach().float().cpu()
-
-
 @torch.no_grad()
 def evaluate_subword_bpb(model, tok: SubwordTokenizer, B: int, device: str = "cpu") -> float:
     """Bits per byte on the fixed val span, computed in-process; B only sets the chunk size."""
@@ -297,7 +282,7 @@ def evaluate_subword_bpb(model, tok: SubwordTokenizer, B: int, device: str = "cp
     chunk = max(1, int(B))
     total = 0.0
     for i in range(0, x.shape[0], chunk):
-        logits = _logits(model, x[i:i + chunk].to(device), tok.get_vocab_size())
+        logits = prepare.logits_of(model, x[i:i + chunk].to(device), tok.get_vocab_size(), "evaluate_subword_bpb")
         keep = mask[i:i + chunk]
         total += prepare.sum_nats(logits[keep], y[i:i + chunk][keep])
     if was_training:
