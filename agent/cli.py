@@ -100,8 +100,16 @@ def cmd_run(args) -> int:
     except CorpusError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return 2
+    from agent.providers.base import ProviderError
+    from budget.ledger import SessionLocked
+    from budget.service import ServiceUnavailable
+
     console.print(f"session: {session_dir}")
-    Session(settings, console).run()
+    try:
+        Session(settings, console).run()
+    except (ProviderError, SessionLocked, ServiceUnavailable) as exc:  # before any run: nothing is lost
+        err.print(f"[red]error:[/red] {exc}")
+        return 2
     return 0
 
 

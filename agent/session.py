@@ -146,9 +146,9 @@ class Session:
 
     # --- the session -------------------------------------------------------------
     def run(self) -> str:
-        resumed = self._open()
         kind = pick_agent(self.settings)
-        researcher = make_researcher(kind, self.settings)
+        researcher = make_researcher(kind, self.settings)  # a missing key fails here, before anything starts
+        resumed = self._open()
         self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
                            + (" — no API key found, so the offline search agent runs" if
                               self.settings.agent == "auto" and kind == "search" else ""))

@@ -103,3 +103,37 @@ def test_kill_9_mid_run_then_resume(tmp_path, corpus):
     events = read_events(d / "trajectory.jsonl")
     assert any(isinstance(e, SessionEvent) and e.event == "resume" for e in events)
     assert not subprocess.run(["pgrep", "-f", str(d / "runs")], capture_output=True).stdout  # no leftover trainer
+
+
+def test_ctrl_c_cancels_the_run_and_writes_the_record(tmp_path, corpus):
+    d = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--agent", "search", "--budget", "3",
+                             "--time-budget", "20", "--timeout", "60", "--session", str(d)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 180
+    while not (d / "runs" / "001" / "train.py").exists():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.5)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    assert "interrupted by the user" in out
+    run1 = json.loads((d / "runs" / "001" / "result.json").read_text())
+    assert run1["status"] == "interrupted"
+    assert "| 1 | interrupted |" in (d / "methodology.md").read_text()
+    assert not subprocess.run(["pgrep", "-f", str(d / "runs")], capture_output=True).stdout
+
+
+def test_replay_drives_a_recorded_session_again(tmp_path, corpus):
+    source = tmp_path / "recorded"
+    Session(SessionSettings(session_dir=source, agent="search", budget=TINY)).run()
+    again = tmp_path / "again"
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", "replay", str(source), "--session", str(again)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    codes = lambda d: [p.read_text() for p in sorted(d.glob("runs/*/train.py"))]
+    assert codes(again) == codes(source)  # the same edits, in the same order
+    recorded = [e.tool for e in read_events(source / "trajectory.jsonl") if isinstance(e, ToolCallEvent)]
+    replayed = [e.tool for e in read_events(again / "trajectory.jsonl") if isinstance(e, ToolCallEvent)]
+    assert replayed == recorded
