@@ -6,7 +6,9 @@ stateless: every decision is recomputed from the runs on disk, so a resumed
 session continues where it stopped.
 
 Method:
-1. Run 0 (the baseline) is repeated with another seed to measure noise.
+1. Run 0 (the baseline) is repeated with another seed to measure noise; the
+   noise is the widest spread between seeds seen so far, so every later
+   confirmation can raise it.
 2. Coarse moves, one setting at a time in order of expected effect
    (schedule, learning rate, batch, width, depth, ...): a doubling or halving.
    An accepted move becomes the incumbent and the same setting is pushed
@@ -150,10 +152,11 @@ def read_knowledge(session_dir: Path) -> Knowledge:
                               result.get("status", "interrupted"), result.get("description", "")))
     if not k.trials:
         return k
-    base = k.trials[0]
-    base_scores = k.scores(base.cfg)
-    if len(base_scores) >= 2:
-        k.noise = max(MIN_NOISE, max(base_scores) - min(base_scores))
+    # Noise: the widest spread between seeds of any configuration measured more than once
+    # (the baseline pair first, then every confirmation), so it only grows as evidence comes in.
+    spreads = [max(sc) - min(sc) for sc in (k.scores(c) for c in _distinct(t.cfg for t in k.trials)) if len(sc) >= 2]
+    if spreads:
+        k.noise = max(MIN_NOISE, *spreads)
     # Replay acceptance in run order: a trial replaces the incumbent only if it beats it by the noise.
     noise = k.noise or MIN_NOISE
     for t in k.trials:
@@ -170,6 +173,14 @@ def read_knowledge(session_dir: Path) -> Knowledge:
         scores = k.scores(k.incumbent.cfg)
         k.incumbent_mean = sum(scores) / len(scores)
     return k
+
+
+def _distinct(cfgs) -> list[dict]:
+    out: list[dict] = []
+    for cfg in cfgs:
+        if cfg not in out:
+            out.append(cfg)
+    return out
 
 
 class SearchResearcher:
@@ -222,8 +233,14 @@ class SearchResearcher:
                 continue
             self.reported.add(t.run_id)
             score = f"{t.val_bpb:.4f}" if t.val_bpb is not None else f"no verified score ({t.status})"
-            verdict = ("kept: new incumbent" if k.incumbent and k.incumbent.run_id == t.run_id
-                       else "discarded" if t.val_bpb is not None else "failed")
+            if k.incumbent and k.incumbent.run_id == t.run_id:
+                verdict = "kept: new incumbent"
+            elif t.val_bpb is None:
+                verdict = "failed"
+            elif k.incumbent and t.cfg == k.incumbent.cfg:
+                verdict = "another seed of the incumbent's configuration"
+            else:
+                verdict = "discarded"
             inc = f"{k.incumbent_mean:.4f}" if k.incumbent_mean else "-"
             noise = f"{k.noise:.4f}" if k.noise else "not yet measured"
             out.append(("write_note", {"kind": "insight", "text":

@@ -94,3 +94,15 @@ def test_random_strategy_samples_untried_configurations(tmp_path):
     reply = agent.complete("", [UserMessage(content="state")], [])
     assert [c.name for c in reply.tool_calls][-1] == "submit_run"
     assert sum(c.name == "edit_file" for c in reply.tool_calls) >= 3
+
+
+def test_noise_grows_when_a_confirmation_disagrees(tmp_path):
+    write_run(tmp_path, 0, BASELINE, 2.410)
+    write_run(tmp_path, 1, BASELINE, 2.420, seed=43)
+    linear = with_setting(BASELINE, "lr_schedule", "linear")
+    write_run(tmp_path, 2, linear, 2.400)
+    write_run(tmp_path, 3, linear, 2.440, seed=43)  # the confirmation disagrees by 0.04
+    k = read_knowledge(tmp_path)
+    assert abs(k.noise - 0.04) < 1e-9 and k.incumbent.run_id == 0  # the gain no longer clears the noise
+    notes = [a["text"] for n, a in decide(tmp_path) if n == "write_note"]
+    assert any("run 1" in t and "another seed of the incumbent" in t for t in notes)
