@@ -108,11 +108,16 @@ def make_dataloader(B: int, T: int, split: str = "train", device: str = "cpu"):
     Every row is BOS followed by the next T bytes of the split's stream
     (wrapping at the end); inputs = row[:-1], targets = row[1:].
     """
+    return stream_batches(lambda: load_split(split), B, T, BOS_TOKEN, device)
+
+
+def stream_batches(load, B: int, T: int, bos: int, device: str = "cpu"):
+    """Rows of `bos` + the next T ids of the stream `load()` returns, B at a time, wrapping at the end."""
     if not (isinstance(B, int) and B >= 1):
         raise ValueError(f"batch size B={B!r} must be a positive integer")
     if not (isinstance(T, int) and 1 <= T <= MAX_SEQ_LEN):
         raise ValueError(f"sequence length T={T!r} must be an integer in [1, MAX_SEQ_LEN={MAX_SEQ_LEN}]")
-    data = load_split(split)
+    data = load()  # after the argument checks, so a bad call fails before any loading
 
     def batches():
         n = len(data)
@@ -121,7 +126,7 @@ def make_dataloader(B: int, T: int, split: str = "train", device: str = "cpu"):
         while True:
             starts = (pos + torch.arange(B) * T).unsqueeze(1)
             rows = torch.empty((B, T + 1), dtype=torch.long)
-            rows[:, 0] = BOS_TOKEN
+            rows[:, 0] = bos
             rows[:, 1:] = data[(starts + offsets) % n].long()
             pos = (pos + B * T) % n
             yield rows[:, :-1].to(device), rows[:, 1:].to(device)

@@ -221,26 +221,7 @@ def make_subword_dataloader(tok: SubwordTokenizer, B: int, T: int, split: str = 
     Every row is BOS followed by the next T tokens of the split's token stream
     (wrapping at the end); inputs = row[:-1], targets = row[1:].
     """
-    if not (isinstance(B, int) and B >= 1):
-        raise ValueError(f"batch size B={B!r} must be a positive integer")
-    if not (isinstance(T, int) and 1 <= T <= prepare.MAX_SEQ_LEN):
-        raise ValueError(f"sequence length T={T!r} must be an integer in [1, MAX_SEQ_LEN={prepare.MAX_SEQ_LEN}]")
-    data = tok.split_ids(split)
-    bos = tok.get_bos_token_id()
-
-    def batches():
-        n = len(data)
-        pos = 0
-        offsets = torch.arange(T)
-        while True:
-            starts = (pos + torch.arange(B) * T).unsqueeze(1)
-            rows = torch.empty((B, T + 1), dtype=torch.long)
-            rows[:, 0] = bos
-            rows[:, 1:] = data[(starts + offsets) % n]
-            pos = (pos + B * T) % n
-            yield rows[:, :-1].to(device), rows[:, 1:].to(device)
-
-    return batches()
+    return prepare.stream_batches(lambda: tok.split_ids(split), B, T, tok.get_bos_token_id(), device)
 
 
 def subword_eval_windows(tok: SubwordTokenizer, val: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
