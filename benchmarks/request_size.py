@@ -14,6 +14,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from rich.console import Console  # noqa: E402
+
 from agent.session import Session, SessionSettings  # noqa: E402
 from budget.models import Budget  # noqa: E402
 from tests.stub_llm_server import StubLLMServer  # noqa: E402
@@ -40,7 +42,7 @@ def main(runs: int = 50, time_budget: float = 1.0) -> dict:
                                    budget=Budget(max_runs=runs, time_budget_secs=time_budget, run_timeout_secs=60))
         import os
         os.environ.setdefault("OPENAI_API_KEY", "benchmark")
-        Session(settings).run()
+        Session(settings, Console(quiet=True)).run()
         sizes = [r.size for r in stub.requests]
     per_block = {}
     for i, size in enumerate(sizes):  # request i is sent after run i (run 0 is the baseline)
