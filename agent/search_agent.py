@@ -10,7 +10,7 @@ Method:
    noise is the widest spread between seeds seen so far, so every later
    confirmation can raise it.
 2. Coarse moves, one setting at a time in order of expected effect
-   (schedule, learning rate, batch, width, depth, ...): a doubling or halving.
+   (schedule, depth, width, learning rate, batch, ...): a step each way.
    An accepted move becomes the incumbent and the same setting is pushed
    further in that direction before moving on.
 3. Fine moves (x1.41, x0.71) around the incumbent, then finer (x1.19, x0.84).
@@ -37,10 +37,10 @@ SEED_BASE = 42
 # setting -> (kind, coarse moves, fine moves); "mul" multiplies, "add" adds, "set" picks values.
 MOVES: dict[str, tuple[str, list, list]] = {
     "lr_schedule": ("set", ["linear", "cosine"], []),
+    "n_layers": ("add", [-1, 1], [-2, 2]),  # depth first: at short budgets fewer, wider layers train faster
+    "d_model": ("add", [32, -16], [16, -8]),
     "learning_rate": ("mul", [2.0, 0.5], [1.41, 0.71, 1.19, 0.84]),
     "batch_size": ("mul", [2.0, 0.5], [1.5, 0.75]),
-    "d_model": ("add", [32, -16], [16, -8]),
-    "n_layers": ("add", [1, -1], [2]),
     "d_ff": ("mul", [2.0, 0.5], [1.5, 0.75]),
     "n_history": ("add", [2, -2], [1, -1]),
     "warmup_steps": ("mul", [4.0, 0.25], [2.0, 0.5]),
