@@ -56,6 +56,14 @@ ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is abse
 }
 
 
+def prices(text: str) -> tuple[float, float]:
+    try:
+        a, b = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers, e.g. 3,15") from None
+    return a, b
+
+
 def session_settings(args, session_dir):
     """Flags > environment > defaults, validated by pydantic."""
     from agent.session import SessionSettings
@@ -68,7 +76,7 @@ def session_settings(args, session_dir):
             values[flag] = value
     return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
                            sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
-                           max_cost_usd=args.max_cost, replay_from=getattr(args, "replay_from", None), **values)
+                           max_cost_usd=args.max_cost, price_per_mtok=args.price, replay_from=getattr(args, "replay_from", None), **values)
 
 
 def cmd_run(args) -> int:
@@ -140,8 +148,9 @@ def cmd_export(args) -> int:
     except (FileNotFoundError, SessionNotFound):
         err.print(f"[red]error:[/red] {session_dir} is not a session folder (no settings.json or ledger)")
         return 2
-    starts = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent) and e.event == "start"]
-    ends = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent) and e.event == "end"]
+    events = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent)]
+    starts = [e for e in events if e.event == "start"]
+    ends = [e for e in events if e.event == "end"]
     session = Session(settings, console, service=ledger)
     session.workspace.load_notes()
     session.stop_reason = ends[-1].detail.get("reason", "") if ends else "the harness stopped without finishing"
@@ -181,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--approve", choices=["none", "runs", "edits", "all"],
                        help="ask a person before each run / edit / tool call (or PGOLF_APPROVE)")
         p.add_argument("--max-llm-calls", type=int, help="stop after this many model calls")
-        p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD")
+        p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD (needs --price)")
+        p.add_argument("--price", type=prices, metavar="IN,OUT", help="model prices in USD per million input,output tokens")
 
     p = sub.add_parser("run", help="run a research session: baseline, then the agent until the budget is spent")
     session_args(p)

@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from agent.context import Context
 from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult
-from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
+from agent.tools import TOOL_NAMES, TOOL_SPECS, Finished, Toolbox, ToolFailure
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, Trajectory
 
 FINAL_TURN_CALLS = 3  # model calls allowed after the budget is spent, to conclude
@@ -147,7 +147,7 @@ class AgentLoop:
                 continue
             result = self.run_tool(call)
             self.context.add(result)
-            valid |= call.error is None and not result.content.startswith("unknown tool")
+            valid |= call.error is None and call.name in TOOL_NAMES
             if result.is_error:
                 failed = call.name
         if valid:

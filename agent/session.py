@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from rich.console import Console
 
 from agent.approval import ApprovalGate
@@ -43,8 +43,15 @@ class SessionSettings(BaseModel):
     approve: Literal["none", "runs", "edits", "all"] = "none"
     max_llm_calls: int | None = Field(None, ge=1)
     max_cost_usd: float | None = Field(None, gt=0)
+    price_per_mtok: tuple[float, float] | None = Field(None, description="USD per million input, output tokens")
     context_chars: int = Field(40_000, ge=4_000)
     search_seed: int = 0
+
+    @model_validator(mode="after")
+    def _cost_needs_prices(self):
+        if self.max_cost_usd is not None and self.price_per_mtok is None:
+            raise ValueError("--max-cost needs the model's prices: add --price IN,OUT (USD per million tokens)")
+        return self
 
 
 def pick_agent(settings: SessionSettings) -> str:
@@ -72,11 +79,10 @@ def make_researcher(kind: str, settings: SessionSettings):
     return make_provider(kind, settings.model, settings.base_url)
 
 
-def hardware() -> str:
-    import torch
-    if torch.cuda.is_available():
-        return f"a GPU ({torch.cuda.get_device_name(0)})"
-    return f"{os.cpu_count()} CPU cores, no GPU"
+def hardware(service) -> str:
+    gpus = getattr(service, "gpus_per_run", 0)
+    cpus = getattr(service, "cpus_per_run", None) or os.cpu_count()
+    return f"{cpus} CPU cores" + (f" and {gpus} GPU" if gpus else ", no GPU")
 
 
 class Session:
@@ -141,7 +147,7 @@ class Session:
                                                                  "training_secs")}) if runs else "(not run)"
         task = (PROMPTS / "task.txt").read_text().format(
             max_runs=b.max_runs, session_hours=b.session_secs / 3600, time_budget=b.time_budget_secs,
-            timeout=b.run_timeout_secs, hardware=hardware(), baseline=baseline)
+            timeout=b.run_timeout_secs, hardware=hardware(self.service), baseline=baseline)
         return task + "\n\n" + (PROMPTS / "habits.txt").read_text()
 
     # --- the session -------------------------------------------------------------
@@ -164,6 +170,7 @@ class Session:
                              Context(self.state, max_chars=self.settings.context_chars),
                              (PROMPTS / "system.txt").read_text() + "\n" + self._task(), approval=approval,
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
+                             price_per_mtok=self.settings.price_per_mtok,
                              run_timeout=self.settings.budget.run_timeout_secs, console=self.console)
             self.stop_reason = loop.run()
         except LimitReached as exc:

