@@ -15,8 +15,14 @@ Method:
    further in that direction before moving on.
 3. Fine moves (x1.41, x0.71) around the incumbent, then finer (x1.19, x0.84).
 4. An improvement smaller than twice the noise is confirmed with another seed.
-A configuration (settings + seed) is never run twice. `strategy="random"`
-samples settings uniformly instead: the control for the benchmark.
+5. When every move is tried, the runs left go to the moves the noise hid
+   (better than the incumbent, but by less than the noise): first all of them
+   together, then each with more seeds, best first.
+A configuration (settings + seed) is never run twice. A run that shared its
+cores with other work (trainer/contention.py) got fewer steps than its code
+deserves; it counts as failed, so it neither sets the noise nor wins.
+`strategy="random"` samples settings uniformly instead: the control for the
+benchmark.
 """
 from __future__ import annotations
 
@@ -29,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.providers.base import ModelReply, ToolCall
+from trainer.contention import CONTENDED
 
 SETTING_LINE = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*) = (?P<value>[^#\n]+?)(?P<comment>\s+#.*)?$", re.M)
 MIN_NOISE = 0.003
+MAX_SEEDS = 3  # seeds a configuration the noise hid gets before it is left unresolved
 SEED_BASE = 42
 
 # setting -> (kind, coarse moves, fine moves); "mul" multiplies, "add" adds, "set" picks values.
@@ -135,6 +143,13 @@ class Knowledge:
     def attempted(self) -> set[str]:
         return {self.key(t.cfg, t.seed) for t in self.trials}
 
+    def free_seed(self, cfg: dict, seed: int) -> int:
+        """The first seed from `seed` on that `cfg` has not been run with."""
+        attempted = self.attempted()
+        while self.key(cfg, seed) in attempted:
+            seed += 1
+        return seed
+
     def scores(self, cfg: dict) -> list[float]:
         return [t.val_bpb for t in self.trials if t.cfg == cfg and t.val_bpb is not None]
 
@@ -147,9 +162,12 @@ def read_knowledge(session_dir: Path) -> Knowledge:
             continue
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
         ok = result.get("verified") and result.get("status") == "completed"
+        status = result.get("status", "interrupted")
+        if ok and (result.get("cpu_others") or 0) > CONTENDED:  # other work stole steps: not a fair measurement
+            ok, status = False, f"contended: other work took {result['cpu_others']:.0%} of the cores"
         k.trials.append(Trial(int(run_dir.name), parse_settings(code_file.read_text()),
                               result.get("seed") or SEED_BASE, result.get("val_bpb") if ok else None,
-                              result.get("status", "interrupted"), result.get("description", "")))
+                              status, result.get("description", "")))
     if not k.trials:
         return k
     # Noise: the widest spread between seeds of any configuration measured more than once
@@ -249,25 +267,24 @@ class SearchResearcher:
 
     def propose(self, k: Knowledge):
         """(thought, tool calls) for the next run, or None when nothing is left to try."""
-        if k.incumbent is None:
-            return None
-        base = k.trials[0]
-        attempted = k.attempted()
+        if k.incumbent is None:  # nothing measured yet: only a contended baseline is worth running again
+            base = k.trials[0] if k.trials else None
+            if base is None or not base.status.startswith("contended"):
+                return None
+            return self._run(base.run_id, None, None, k.free_seed(base.cfg, SEED_BASE + 1),
+                             "baseline again: run 0 shared its cores with other work", "a fair reference point")
+        base, inc = k.trials[0], k.incumbent
         if k.noise is None:  # measure noise first: the baseline with another seed
-            seed = SEED_BASE + 1
-            while k.key(base.cfg, seed) in attempted:
-                seed += 1
-            return self._run(base.run_id, None, None, seed, "baseline repeated with another seed",
+            seed = k.free_seed(inc.cfg, SEED_BASE + 1)
+            return self._run(inc.run_id, None, None, seed, "baseline repeated with another seed",
                              "measures run-to-run noise: the two scores differ only by the seed")
-        inc = k.incumbent
         scores = k.scores(inc.cfg)
         if (self.strategy != "random" and inc.run_id != base.run_id and len(scores) == 1
                 and k.last_gain is not None and k.last_gain < 2 * k.noise):
-            seed = inc.seed + 1
-            while k.key(inc.cfg, seed) in attempted:
-                seed += 1
+            seed = k.free_seed(inc.cfg, inc.seed + 1)
             return self._run(inc.run_id, None, None, seed, f"confirm run {inc.run_id} with another seed",
                              f"run {inc.run_id}'s gain is under twice the noise ({k.noise:.4f}); a second seed confirms it")
+        attempted = k.attempted()
         if self.strategy == "random":
             return self._random(k, attempted)
         tried_values = {(name, json.dumps(t.cfg.get(name), default=str)) for t in k.trials for name in MOVES}
@@ -287,6 +304,29 @@ class SearchResearcher:
                                      f"{'coarse' if phase == 1 else 'fine'} move of {name} from the incumbent "
                                      f"(run {inc.run_id}); kept only if it beats {k.incumbent_mean:.4f} by more "
                                      f"than the noise {k.noise:.4f}")
+        return self._settle(k)
+
+    def _settle(self, k: Knowledge):
+        """Every move is tried: spend what is left on the moves the noise hid, together, then seed by seed."""
+        inc = k.incumbent
+        hidden = [row for row in self.unresolved(k, limit=None) if row[1] < k.incumbent_mean]
+        combined: dict = {}
+        for diff, _, _ in hidden:  # best first, so each setting keeps its best-looking value
+            if len(diff) == 1:
+                name, value = next(iter(diff.items()))
+                combined.setdefault(name, value)
+        cfg = {**inc.cfg, **combined}
+        if len(combined) >= 2 and valid(cfg) and not k.scores(cfg) and k.key(cfg, SEED_BASE) not in k.attempted():
+            return self._run_many(inc.run_id, combined, "combine " + ", ".join(f"{n}={v!r}" for n, v in combined.items()),
+                                  "each looked better than the incumbent by less than the noise; together they "
+                                  "may clear it")
+        for diff, mean, seeds in hidden:
+            if seeds < MAX_SEEDS:
+                seed = k.free_seed({**inc.cfg, **diff}, SEED_BASE + 1)
+                return self._run_many(inc.run_id, diff, ", ".join(f"{n}={v!r}" for n, v in diff.items())
+                                      + f" again with seed {seed}",
+                                      f"its mean {mean:.4f} over {seeds} seed(s) is within the noise of the incumbent's "
+                                      f"{k.incumbent_mean:.4f}; another seed tells whether it is better", seed)
         return None
 
     def _random(self, k: Knowledge, attempted: set[str]):
@@ -334,7 +374,31 @@ class SearchResearcher:
                 + ", ".join(f"{name}={v!r}" for name, v in changed.items()))
 
     def conclusion(self, k: Knowledge) -> str:
-        return (self.summary(k) + f". Noise between seeds: {k.noise or MIN_NOISE:.4f} bpb. Limits of this method: it "
-                "only moves the numbered settings at the top of train.py one at a time, so it cannot change the "
-                "architecture (attention variant, normalisation, optimiser) or find interactions between settings; "
-                "each accepted move costs runs that an informed researcher would skip.")
+        noise = k.noise or MIN_NOISE
+        text = self.summary(k) + f". Noise between seeds: {noise:.4f} bpb."
+        close = self.unresolved(k)
+        if close:
+            text += (" Within that noise of the best, so neither kept nor ruled out: "
+                     + "; ".join(f"{', '.join(f'{n}={v!r}' for n, v in diff.items())} (mean {mean:.4f} over {n_seeds} "
+                                 f"seed(s))" for diff, mean, n_seeds in close)
+                     + ". More seeds per move or longer runs would settle them.")
+        return text + (" Limits of this method: it only moves the numbered settings at the top of train.py one at a "
+                       "time, so it cannot change the architecture (attention variant, normalisation, optimiser) or "
+                       "find interactions between settings; each accepted move costs runs that an informed researcher "
+                       "would skip.")
+
+    @staticmethod
+    def unresolved(k: Knowledge, limit: int | None = 3) -> list[tuple[dict, float, int]]:
+        """Configurations whose mean lies within the noise of the incumbent's: the moves the noise hid."""
+        if not k.incumbent or k.incumbent_mean is None:
+            return []
+        noise = k.noise or MIN_NOISE
+        rows = []
+        for cfg in _distinct(t.cfg for t in k.trials):
+            scores = k.scores(cfg)
+            if cfg == k.incumbent.cfg or not scores:
+                continue
+            mean = sum(scores) / len(scores)
+            if abs(mean - k.incumbent_mean) <= noise:
+                rows.append(({n: v for n, v in cfg.items() if v != k.incumbent.cfg.get(n)}, mean, len(scores)))
+        return sorted(rows, key=lambda r: r[1])[:limit]

@@ -15,6 +15,7 @@ from typing import Callable
 
 from agent.providers.base import ToolSpec
 from budget.models import RunRefused, RunRequest, RunResult
+from trainer.contention import CONTENDED
 
 PREPARE_SOURCE = Path(__file__).resolve().parents[1] / "trainer" / "prepare.py"
 NOTE_KINDS = ("insight", "plan", "conclusion")
@@ -116,13 +117,17 @@ TOOL_NAMES = {spec.name for spec in TOOL_SPECS}
 def run_line(r: RunResult) -> str:
     bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-"
     mark = "" if r.verified else " (unverified)" if r.status.value == "unverified" else ""
-    return f"#{r.run_id:<3} {r.status.value:<11} val_bpb {bpb}{mark}  {r.description[:90]}"
+    steps = f"  {r.total_steps} steps" if r.total_steps is not None else ""
+    if r.cpu_others is not None and r.cpu_others > CONTENDED:  # fewer steps than the code would get alone
+        steps += f" [other work took {r.cpu_others:.0%} of the cores]"
+    return f"#{r.run_id:<3} {r.status.value:<11} val_bpb {bpb}{mark}{steps}  {r.description[:90]}"
 
 
 def result_summary(r: RunResult) -> dict:
     out = {"run_id": r.run_id, "status": r.status.value, "val_bpb": r.val_bpb,
            "reported_val_bpb": r.reported_val_bpb, "verified": r.verified,
-           "training_secs": r.training_secs, "total_steps": r.total_steps, "num_params_M": r.num_params_M}
+           "training_secs": r.training_secs, "total_steps": r.total_steps, "num_params_M": r.num_params_M,
+           "cpu_others": r.cpu_others}
     if r.reasons:
         out["reasons"] = r.reasons
     if r.status.value in ("crashed", "timeout", "unverified"):

@@ -3,8 +3,9 @@
     python benchmarks/research.py --runs 12 --time-budget 30 --seeds 0 1 2
     python benchmarks/research.py --runs 50 --time-budget 60 --seeds 0 --strategies search
 
-Each (strategy, seed) is a whole session; the figure is its best verified
-val_bpb against its own baseline (run 0).
+Each (strategy, seed) is a whole session; the figures are its best verified
+val_bpb against its own baseline (run 0), and the mean over seeds of the
+configuration it kept (a change kept only beyond the measured noise).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent.search_agent import read_knowledge  # noqa: E402
 from agent.session import Session, SessionSettings  # noqa: E402
 from budget.models import Budget  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -32,7 +34,9 @@ def one_session(strategy: str, seed: int, runs: int, time_budget: float, keep: P
     Session(settings, Console(quiet=True)).run()
     results = [json.loads(p.read_text()) for p in sorted(directory.glob("runs/*/result.json"))]
     verified = [r["val_bpb"] for r in results if r.get("verified")]
+    k = read_knowledge(directory)
     return {"strategy": strategy, "seed": seed, "baseline": results[0]["val_bpb"], "best": min(verified),
+            "kept_mean": k.incumbent_mean, "noise": k.noise,
             "runs": len(results), "minutes": round((time.time() - started) / 60, 1), "session": str(directory)}
 
 
@@ -49,7 +53,8 @@ def main() -> None:
         for strategy in args.strategies:
             row = one_session(strategy, seed, args.runs, args.time_budget, args.keep)
             rows.append(row)
-            print(f"{strategy:7s} seed {seed}: baseline {row['baseline']:.4f} -> best {row['best']:.4f} "
+            print(f"{strategy:7s} seed {seed}: baseline {row['baseline']:.4f} -> best {row['best']:.4f}, kept "
+                  f"{row['kept_mean']:.4f} (noise {row['noise'] or 0:.4f}) "
                   f"({row['runs']} runs, {row['minutes']} min) {row['session']}", flush=True)
     print(json.dumps(rows))
 

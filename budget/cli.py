@@ -113,7 +113,7 @@ def result_rows(r: RunResult, run_dir: Path) -> list[tuple[str, str]]:
         ("run", str(r.run_id)), ("status", r.status.value), ("val_bpb", number(r.val_bpb)),
         ("reported_val_bpb", number(r.reported_val_bpb)), ("verified", str(r.verified).lower()),
         ("reasons", "; ".join(r.reasons)), ("training_secs", number(r.training_secs, 1)),
-        ("wall_secs", number(r.wall_secs, 1)), ("total_steps", "" if r.total_steps is None else str(r.total_steps)),
+        ("wall_secs", number(r.wall_secs, 1)), ("cpu_others", number(r.cpu_others, 2)), ("total_steps", "" if r.total_steps is None else str(r.total_steps)),
         ("num_params_M", number(r.num_params_M, 3)), ("train_loss", number(r.train_loss)),
         ("sandboxed", str(r.sandboxed).lower()), ("runs_remaining", str(r.runs_remaining)),
         ("match_time_remaining", clock(r.match_time_remaining_secs)), ("run_dir", str(run_dir)),

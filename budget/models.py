@@ -53,6 +53,8 @@ class RunResult(BaseModel):
     reasons: list[str] = Field(default_factory=list, description="why a run is not verified, or what went wrong")
     training_secs: float | None = None
     wall_secs: float | None = None
+    cpu_others: float | None = Field(None, description="share of the run's cores other processes used while it ran; "
+                                     "a wall-clock budget makes a contended run's score worse than its code")
     total_steps: int | None = None
     num_params_M: float | None = None
     train_loss: float | None = None

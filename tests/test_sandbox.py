@@ -4,6 +4,7 @@ import sys
 import os
 import shutil
 import socket
+import subprocess
 import textwrap
 import threading
 import uuid
@@ -14,6 +15,7 @@ import torch
 
 from budget.models import RunStatus
 from trainer import prepare
+from trainer.contention import CONTENDED
 from trainer.corpus import cache_root
 from trainer.sandbox import NEVER_EVALUATED, SandboxUnavailable, execute_run
 
@@ -88,6 +90,19 @@ def test_honest_run_is_verified_and_matches_in_process_evaluation(corpus, tmp_pa
     assert result.total_steps > 0 and result.train_loss is not None and 0 < result.training_secs < 1 + 10
     saved = json.loads((tmp_path / "run" / "result.json").read_text())
     assert saved["status"] == "completed" and saved["val_bpb"] == result.val_bpb
+    assert 0 <= result.cpu_others < 0.5  # the run's own and the evaluator's CPU time are not "other work"
+
+
+def test_other_work_on_the_cores_is_measured(corpus, tmp_path):
+    burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in os.sched_getaffinity(0)]
+    try:
+        result = run(corpus, tmp_path, TINY, time_budget=3)
+    finally:
+        for b in burners:
+            b.kill()
+            b.wait()
+    assert result.verified, result.reasons
+    assert result.cpu_others > CONTENDED  # one busy loop per core takes about half of them
 
 
 @pytest.mark.slow

@@ -106,3 +106,52 @@ def test_noise_grows_when_a_confirmation_disagrees(tmp_path):
     assert abs(k.noise - 0.04) < 1e-9 and k.incumbent.run_id == 0  # the gain no longer clears the noise
     notes = [a["text"] for n, a in decide(tmp_path) if n == "write_note"]
     assert any("run 1" in t and "another seed of the incumbent" in t for t in notes)
+
+
+def test_conclusion_names_the_moves_the_noise_hid(tmp_path):
+    write_run(tmp_path, 0, BASELINE, 2.410)
+    write_run(tmp_path, 1, BASELINE, 2.420, seed=43)  # noise 0.01, incumbent mean 2.415
+    write_run(tmp_path, 2, with_setting(BASELINE, "lr_schedule", "linear"), 2.408)  # within the noise
+    write_run(tmp_path, 3, with_setting(BASELINE, "lr_schedule", "cosine"), 2.600)  # clearly worse
+    agent = SearchResearcher(tmp_path)
+    text = agent.complete("", [UserMessage(content="The budget is spent")], []).tool_calls[0].arguments["text"]
+    assert "lr_schedule='linear' (mean 2.4080 over 1 seed(s))" in text
+    assert "cosine" not in text
+
+
+def write_contended(session: Path, run_id: int, code: str, val_bpb, seed=None, share=0.45):
+    write_run(session, run_id, code, val_bpb, seed=seed)
+    path = session / "runs" / f"{run_id:03d}" / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cpu_others": share}))
+
+
+def test_a_run_that_shared_its_cores_neither_sets_the_noise_nor_wins(tmp_path):
+    write_contended(tmp_path, 0, BASELINE, 2.55)  # run 0 itself contended: measure the baseline again
+    calls = decide(tmp_path)
+    assert calls[-1][0] == "submit_run" and calls[-1][1]["seed"] == 43
+    assert "shared its cores" in calls[-1][1]["description"]
+    write_run(tmp_path, 1, BASELINE, 2.410, seed=43)
+    write_contended(tmp_path, 2, BASELINE, 2.600, seed=44)  # a slow repeat would read as 0.19 of noise
+    k = read_knowledge(tmp_path)
+    assert k.noise is None and k.incumbent.run_id == 1 and k.trials[2].status.startswith("contended")
+    calls = decide(tmp_path)
+    assert calls[-1][1]["seed"] == 45 and not any(n == "edit_file" for n, _ in calls)
+
+
+def test_when_moves_run_out_the_runs_left_settle_what_the_noise_hid(tmp_path, monkeypatch):
+    import agent.search_agent as search
+    monkeypatch.setattr(search, "MOVES", {"n_history": ("add", [2], []), "d_ff": ("mul", [1.5], [])})
+    write_run(tmp_path, 0, BASELINE, 2.410)
+    write_run(tmp_path, 1, BASELINE, 2.430, seed=43)  # noise 0.02, incumbent mean 2.420
+    write_run(tmp_path, 2, with_setting(BASELINE, "n_history", 5), 2.405)  # better, within the noise
+    write_run(tmp_path, 3, with_setting(BASELINE, "d_ff", 384), 2.412)  # better, within the noise
+    calls = decide(tmp_path)  # first both together
+    edits = [a["new_text"] for n, a in calls if n == "edit_file"]
+    assert len(edits) == 2 and any("n_history = 5" in e for e in edits) and any("d_ff = 384" in e for e in edits)
+    assert "seed" not in calls[-1][1] and calls[-1][1]["description"].startswith("combine")
+    both = with_setting(with_setting(BASELINE, "n_history", 5), "d_ff", 384)
+    write_run(tmp_path, 4, both, 2.415)  # together: still within the noise
+    calls = decide(tmp_path)  # then more seeds, the best-looking first
+    assert [a["new_text"] for n, a in calls if n == "edit_file"] == [
+        replace_value(setting_line(BASELINE, "n_history"), 5)]
+    assert calls[-1][1]["seed"] == 43

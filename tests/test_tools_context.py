@@ -5,7 +5,8 @@ import pytest
 
 from agent.context import Context
 from agent.providers.base import AssistantMessage, ToolCall, ToolResult, UserMessage
-from agent.tools import Toolbox, ToolFailure, Workspace
+from agent.tools import Toolbox, ToolFailure, Workspace, run_line
+from budget.models import RunResult, RunStatus
 
 BASELINE = (Path(__file__).resolve().parents[1] / "trainer" / "baseline_train.py").read_text()
 
@@ -74,3 +75,11 @@ def test_notice_joins_the_last_tool_result_to_keep_alternation():
     ctx.add(ToolResult(tool_call_id="a", name="list_runs", content="no runs yet"))
     ctx.notice("The budget is spent")
     assert len(ctx.history) == 2 and ctx.history[-1].content.endswith("The budget is spent")
+
+
+def test_run_table_shows_steps_and_marks_runs_that_shared_the_cores():
+    quiet = RunResult(run_id=3, status=RunStatus.completed, val_bpb=2.5, verified=True, total_steps=2500,
+                      cpu_others=0.02, description="d_model 80 -> 112")
+    busy = quiet.model_copy(update={"run_id": 4, "total_steps": 1300, "cpu_others": 0.48})
+    assert "2500 steps" in run_line(quiet) and "other work" not in run_line(quiet)
+    assert "1300 steps [other work took 48% of the cores]" in run_line(busy)

@@ -54,6 +54,7 @@ from pathlib import Path
 
 from budget.models import RunResult, RunStatus, utcnow
 from trainer import prepare
+from trainer.contention import CLOCK_TICKS, CpuMeter
 from trainer.corpus import TRAIN_FILE, VAL_FILE, cache_root
 from trainer.evaluator import TrustedEvaluator, load_val
 
@@ -173,6 +174,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
 
     started_at = utcnow()
     start = time.monotonic()
+    meter = CpuMeter.start()
     deadline = start + timeout
     evaluator = TrustedEvaluator(val, from_child_r, to_child_w, deadline, audit_seed=secrets.randbits(63))
     thread = threading.Thread(target=evaluator.run, name=f"pgolf-eval-{run_id}", daemon=True)
@@ -188,6 +190,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
         tree = _ProcessTree(proc.pid, marker)
         ended_by = _supervise(proc, tree, deadline, timeout, cancel_event, memory_mb, max_procs)
         survivors = _kill_all(proc, tree)
+        cpu_others = meter.others_share(tree.cpu_secs())
         thread.join(KILL_WAIT_SECS)
         if thread.is_alive():  # a frame in flight when everything died; the deadline ends it anyway
             evaluator.stop()
@@ -205,6 +208,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
                        code_sha256=hashlib.sha256(code.encode()).hexdigest(),
                        stdout_tail=stdout_tail, stderr_tail=stderr_tail,
                        started_at=started_at, finished_at=utcnow(), wall_secs=round(finished - start, 3),
+                       cpu_others=cpu_others,
                        reported_val_bpb=_number(report.get("val_bpb")), train_loss=_number(report.get("train_loss")),
                        num_params_M=_number(report.get("num_params_M")), total_steps=_count(report.get("total_steps")))
     _judge(result, evaluator, ended_by, proc.returncode, start, time_budget, startup_grace, memory_mb,
@@ -414,6 +418,7 @@ class _Stat:
     start: int     # start time in clock ticks since boot: tells a pid from its reuse
     threads: int
     state: str
+    cpu_ticks: int  # user + system time so far
 
 
 def _proc_table() -> dict[int, _Stat]:
@@ -426,7 +431,8 @@ def _proc_table() -> dict[int, _Stat]:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except (OSError, IndexError):
             continue  # exited while we looked
-        table[int(name)] = _Stat(int(fields[1]), int(fields[19]), int(fields[17]), fields[0].decode())
+        table[int(name)] = _Stat(int(fields[1]), int(fields[19]), int(fields[17]), fields[0].decode(),
+                                 int(fields[11]) + int(fields[12]))
     return table
 
 
@@ -443,6 +449,7 @@ class _ProcessTree:
         self.leader = leader
         self.marker = f"{MARKER_ENV}={marker}".encode()
         self.seen: dict[int, int] = {}
+        self.cpu_ticks: dict[tuple[int, int], int] = {}  # (pid, start) -> CPU time at its last sighting
         self.own_ns = os.stat("/proc/self/ns/pid").st_ino
         self.namespaces: set[int] = set()
 
@@ -468,7 +475,13 @@ class _ProcessTree:
                     continue
                 if ns != self.own_ns:
                     self.namespaces.add(ns)
+        for pid, st in found.items():
+            self.cpu_ticks[pid, st.start] = st.cpu_ticks
         return {pid: st for pid, st in found.items() if st.state not in "ZX"}
+
+    def cpu_secs(self) -> float:
+        """CPU time of the run's processes as last sampled (a watchdog period short at most)."""
+        return sum(self.cpu_ticks.values()) / CLOCK_TICKS
 
     def stragglers(self) -> list[int]:
         pids = set(self.members())
