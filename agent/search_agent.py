@@ -382,10 +382,10 @@ class SearchResearcher:
                      + "; ".join(f"{', '.join(f'{n}={v!r}' for n, v in diff.items())} (mean {mean:.4f} over {n_seeds} "
                                  f"seed(s))" for diff, mean, n_seeds in close)
                      + ". More seeds per move or longer runs would settle them.")
-        return text + (" Limits of this method: it only moves the numbered settings at the top of train.py one at a "
-                       "time, so it cannot change the architecture (attention variant, normalisation, optimiser) or "
-                       "find interactions between settings; each accepted move costs runs that an informed researcher "
-                       "would skip.")
+        return text + (" Limits of this method: it only moves the numbered settings at the top of train.py, one at a "
+                       "time (and the hidden moves together once all are tried), so it cannot change the architecture "
+                       "(attention variant, normalisation, optimiser) and sees few interactions between settings; each "
+                       "accepted move costs runs that an informed researcher would skip.")
 
     @staticmethod
     def unresolved(k: Knowledge, limit: int | None = 3) -> list[tuple[dict, float, int]]:
