@@ -316,7 +316,7 @@ class SearchResearcher:
                 name, value = next(iter(diff.items()))
                 combined.setdefault(name, value)
         cfg = {**inc.cfg, **combined}
-        if len(combined) >= 2 and valid(cfg) and not k.scores(cfg) and k.key(cfg, SEED_BASE) not in k.attempted():
+        if len(combined) >= 2 and valid(cfg) and k.key(cfg, SEED_BASE) not in k.attempted():
             return self._run_many(inc.run_id, combined, "combine " + ", ".join(f"{n}={v!r}" for n, v in combined.items()),
                                   "each looked better than the incumbent by less than the noise; together they "
                                   "may clear it")
