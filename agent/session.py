@@ -205,8 +205,9 @@ class Session:
         submission = build_submission(best_code, methodology, events, model_id, started, now_iso())
         (self.dir / "submission.json").write_text(submission.model_dump_json(indent=1))
         table = "\n".join(run_line(r) for r in runs)
-        self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\n"
-                           f"best verified val_bpb: {status.best_val_bpb} (run {status.best_run_id})\n"
+        best = (f"{status.best_val_bpb:.4f} (run {status.best_run_id})" if status.best_val_bpb is not None
+                else "none yet (no run was verified)")
+        self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\nbest verified val_bpb: {best}\n"
                            f"session record: {self.dir}")
 
 

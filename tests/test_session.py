@@ -119,6 +119,8 @@ def test_ctrl_c_cancels_the_run_and_writes_the_record(tmp_path, corpus):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:]
     assert "interrupted by the user" in out
+    run0 = json.loads((d / "runs" / "000" / "result.json").read_text())
+    assert f"best verified val_bpb: {run0['val_bpb']:.4f} (run 0)" in out
     run1 = json.loads((d / "runs" / "001" / "result.json").read_text())
     assert run1["status"] == "interrupted"
     assert "| 1 | interrupted |" in (d / "methodology.md").read_text()
