@@ -100,6 +100,10 @@ def replace_value(line: str, value) -> str:
     return f"{m['name']} = {literal}{m['comment'] or ''}"
 
 
+def changes_text(changes: dict) -> str:
+    return ", ".join(f"{name}={value!r}" for name, value in changes.items())
+
+
 def valid(cfg: dict) -> bool:
     d, h = cfg.get("d_model", 80), cfg.get("n_heads", 4)
     return (d % h == 0 and (d // h) % 2 == 0 and cfg.get("n_layers", 1) >= 1 and cfg.get("batch_size", 1) >= 1
@@ -149,6 +153,21 @@ class Knowledge:
         while self.key(cfg, seed) in attempted:
             seed += 1
         return seed
+
+    def unresolved(self, limit: int | None = 3) -> list[tuple[dict, float, int]]:
+        """Configurations whose mean lies within the noise of the incumbent's: the moves the noise hid."""
+        if not self.incumbent or self.incumbent_mean is None:
+            return []
+        noise = self.noise or MIN_NOISE
+        rows = []
+        for cfg in _distinct(t.cfg for t in self.trials):
+            scores = self.scores(cfg)
+            if cfg == self.incumbent.cfg or not scores:
+                continue
+            mean = sum(scores) / len(scores)
+            if abs(mean - self.incumbent_mean) <= noise:
+                rows.append(({n: v for n, v in cfg.items() if v != self.incumbent.cfg.get(n)}, mean, len(scores)))
+        return sorted(rows, key=lambda r: r[1])[:limit]
 
     def scores(self, cfg: dict) -> list[float]:
         return [t.val_bpb for t in self.trials if t.cfg == cfg and t.val_bpb is not None]
@@ -309,7 +328,7 @@ class SearchResearcher:
     def _settle(self, k: Knowledge):
         """Every move is tried: spend what is left on the moves the noise hid, together, then seed by seed."""
         inc = k.incumbent
-        hidden = [row for row in self.unresolved(k, limit=None) if row[1] < k.incumbent_mean]
+        hidden = [row for row in k.unresolved(limit=None) if row[1] < k.incumbent_mean]
         combined: dict = {}
         for diff, _, _ in hidden:  # best first, so each setting keeps its best-looking value
             if len(diff) == 1:
@@ -317,14 +336,13 @@ class SearchResearcher:
                 combined.setdefault(name, value)
         cfg = {**inc.cfg, **combined}
         if len(combined) >= 2 and valid(cfg) and k.key(cfg, SEED_BASE) not in k.attempted():
-            return self._run_many(inc.run_id, combined, "combine " + ", ".join(f"{n}={v!r}" for n, v in combined.items()),
+            return self._run_many(inc.run_id, combined, "combine " + changes_text(combined),
                                   "each looked better than the incumbent by less than the noise; together they "
                                   "may clear it")
         for diff, mean, seeds in hidden:
             if seeds < MAX_SEEDS:
                 seed = k.free_seed({**inc.cfg, **diff}, SEED_BASE + 1)
-                return self._run_many(inc.run_id, diff, ", ".join(f"{n}={v!r}" for n, v in diff.items())
-                                      + f" again with seed {seed}",
+                return self._run_many(inc.run_id, diff, f"{changes_text(diff)} again with seed {seed}",
                                       f"its mean {mean:.4f} over {seeds} seed(s) is within the noise of the incumbent's "
                                       f"{k.incumbent_mean:.4f}; another seed tells whether it is better", seed)
         return None
@@ -338,8 +356,8 @@ class SearchResearcher:
                     cfg[name] = self.rng.choice(values)
             if valid(cfg) and k.key(cfg, SEED_BASE) not in attempted:
                 changes = {n: v for n, v in cfg.items() if v != base.cfg.get(n)}
-                return self._run_many(base.run_id, changes, "random configuration: " + ", ".join(
-                    f"{n}={v!r}" for n, v in changes.items()), "random search control")
+                return self._run_many(base.run_id, changes, "random configuration: " + changes_text(changes),
+                                      "random search control")
         return None
 
     def _run(self, from_run: int, name: str | None, value, seed: int, description: str, hypothesis: str):
@@ -371,34 +389,19 @@ class SearchResearcher:
         changed = {name: v for name, v in k.incumbent.cfg.items() if v != k.trials[0].cfg.get(name)}
         return (f"best configuration (run {k.incumbent.run_id}, mean {k.incumbent_mean:.4f} over {n} seed(s)) "
                 f"against the baseline's mean {base:.4f}; changes: "
-                + ", ".join(f"{name}={v!r}" for name, v in changed.items()))
+                + changes_text(changed))
 
     def conclusion(self, k: Knowledge) -> str:
         noise = k.noise or MIN_NOISE
         text = self.summary(k) + f". Noise between seeds: {noise:.4f} bpb."
-        close = self.unresolved(k)
+        close = k.unresolved()
         if close:
             text += (" Within that noise of the best, so neither kept nor ruled out: "
-                     + "; ".join(f"{', '.join(f'{n}={v!r}' for n, v in diff.items())} (mean {mean:.4f} over {n_seeds} "
-                                 f"seed(s))" for diff, mean, n_seeds in close)
+                     + "; ".join(f"{changes_text(diff)} (mean {mean:.4f} over {n_seeds} seed(s))"
+                                 for diff, mean, n_seeds in close)
                      + ". More seeds per move or longer runs would settle them.")
         return text + (" Limits of this method: it only moves the numbered settings at the top of train.py, one at a "
                        "time (and the hidden moves together once all are tried), so it cannot change the architecture "
                        "(attention variant, normalisation, optimiser) and sees few interactions between settings; each "
                        "accepted move costs runs that an informed researcher would skip.")
 
-    @staticmethod
-    def unresolved(k: Knowledge, limit: int | None = 3) -> list[tuple[dict, float, int]]:
-        """Configurations whose mean lies within the noise of the incumbent's: the moves the noise hid."""
-        if not k.incumbent or k.incumbent_mean is None:
-            return []
-        noise = k.noise or MIN_NOISE
-        rows = []
-        for cfg in _distinct(t.cfg for t in k.trials):
-            scores = k.scores(cfg)
-            if cfg == k.incumbent.cfg or not scores:
-                continue
-            mean = sum(scores) / len(scores)
-            if abs(mean - k.incumbent_mean) <= noise:
-                rows.append(({n: v for n, v in cfg.items() if v != k.incumbent.cfg.get(n)}, mean, len(scores)))
-        return sorted(rows, key=lambda r: r[1])[:limit]
