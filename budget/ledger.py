@@ -102,7 +102,7 @@ def _utc(timestamp: float | None) -> datetime | None:
     return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
@@ -130,7 +130,7 @@ def _acquire_lock(session_dir: Path, harness_pid: int, wait_secs: float) -> int:
         except BlockingIOError:
             holder = _read_holder(path)
             holder_gone = (holder is not None and holder.host == socket.gethostname()
-                           and not _pid_alive(holder.harness_pid))
+                           and not pid_alive(holder.harness_pid))
             if holder_gone and time.monotonic() < deadline:
                 time.sleep(0.2)  # the dead harness's processes are still exiting and will release it
                 continue

@@ -41,7 +41,7 @@ import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from budget.ledger import Ledger
+from budget.ledger import Ledger, pid_alive
 from budget.models import (
     BudgetStatus,
     RunProgress,
@@ -237,6 +237,10 @@ class ServiceActor:
                 "status": RunStatus.interrupted,
                 "reasons": [*result.reasons, "stopped by the harness (Ctrl-C, cancel or close); the run is charged"]})
         try:
+            if not pid_alive(self.harness_pid):
+                # kill -9 of the harness takes Ray down around this actor, so "worker died" would be wrong.
+                # Left `running`, the run is recorded interrupted, once, when the session is next opened.
+                return
             try:
                 final = self.ledger.finish(run_id, result)
             except ValueError as exc:  # the sandbox returned no outcome; the run still needs one
