@@ -16,6 +16,10 @@ from typing import Callable
 from agent.providers.base import ToolSpec
 from budget.models import RunRefused, RunRequest, RunResult
 from trainer.contention import CONTENDED
+from trainer.untrusted_files import read_tail
+
+READ_BYTES = 64 * 1024   # of a run's file: its end (a run's logs are as long as it made them)
+READ_CHARS = 20_000      # what one read_file returns at most
 
 PREPARE_SOURCE = Path(__file__).resolve().parents[1] / "trainer" / "prepare.py"
 NOTE_KINDS = ("insight", "plan", "conclusion")
@@ -180,12 +184,16 @@ class Toolbox:
             file = self.ws.session_dir / "runs" / f"{int(parts[1]):03d}" / parts[2]
             if not file.exists():
                 raise ToolFailure(f"{path} does not exist; list_runs shows the run ids")
-            text = file.read_text(errors="replace")
+            text = read_tail(file, READ_BYTES)
+            if file.stat().st_size > READ_BYTES:
+                text = f"[only the last {READ_BYTES // 1024} KiB of {path} are readable]\n" + text.split("\n", 1)[-1]
         else:
             raise ToolFailure(f"cannot read {path!r}: readable files are train.py, prepare.py and runs/<id>/...")
         lines = text.splitlines()
         chosen = lines[start_line - 1: start_line - 1 + max_lines]
         body = "\n".join(f"{i:4d}| {line}" for i, line in enumerate(chosen, start_line))
+        if len(body) > READ_CHARS:
+            body = body[:READ_CHARS] + f"\n... cut at {READ_CHARS} characters (use start_line and max_lines)"
         more = len(lines) - (start_line - 1 + len(chosen))
         return body + (f"\n... {more} more lines (use start_line)" if more > 0 else "")
 

@@ -195,8 +195,9 @@ def cmd_submit(args) -> int:
     try:
         with TrainingService(settings) as service:
             for run_id in service.recovered_run_ids:
-                err.print(f"[yellow]note:[/yellow] run {run_id} was in flight when the last harness stopped; "
-                          "it is recorded as interrupted (charged)")
+                run = service.get(run_id)
+                err.print(f"[yellow]note:[/yellow] run {run_id} was not recorded when the last harness stopped; "
+                          f"it is now recorded as {run.status.value}: {escape(run.reasons[-1] if run.reasons else '')}")
             with ProgressPrinter() as progress:
                 result = service.submit(request, wait=True, on_progress=progress)
     except RunRefused as exc:

@@ -1,6 +1,7 @@
 """Pydantic models that cross the service boundary: budgets, run requests and run results."""
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
@@ -21,7 +22,10 @@ class Budget(BaseModel):
     session_secs: float = Field(10_800, gt=0, description="wall-clock seconds per session")
     time_budget_secs: float = Field(180, gt=0, le=180, description="training seconds per run (TIME_BUDGET)")
     run_timeout_secs: float = Field(210, gt=0, description="hard wall-clock limit of one run, eval included")
-    startup_grace_secs: float = Field(10, ge=0, description="start-up time allowed before the training clock counts")
+    clock_grace_secs: float | None = Field(None, ge=0, le=30, description=(
+        "seconds the training clock (train.py's first line to evaluate_bpb, plus the slowest evaluation "
+        "frame) may run past TIME_BUDGET; default 1 s + 1 % of it. Python and torch are imported before "
+        "the clock starts"))
 
 
 class RunStatus(str, Enum):
@@ -51,7 +55,10 @@ class RunResult(BaseModel):
     reported_val_bpb: float | None = Field(None, description="what the script printed")
     verified: bool = False
     reasons: list[str] = Field(default_factory=list, description="why a run is not verified, or what went wrong")
-    training_secs: float | None = None
+    startup_secs: float | None = Field(None, description="sandbox, Python and torch start-up, before the clock")
+    training_secs: float | None = Field(None, description="the harness's clock: train.py's first line to evaluate_bpb")
+    slowest_frame_secs: float | None = Field(None, description="the slowest evaluation frame; counted on the clock")
+    eval_secs: float | None = Field(None, description="the trusted evaluation, from the hand-off to the number")
     wall_secs: float | None = None
     cpu_others: float | None = Field(None, description="share of the run's cores other processes used while it ran; "
                                      "a wall-clock budget makes a contended run's score worse than its code")
@@ -67,6 +74,11 @@ class RunResult(BaseModel):
     runs_remaining: int | None = None
     match_time_remaining_secs: float | None = None
 
+    @classmethod
+    def from_outcome(cls, run_id: int, outcome) -> "RunResult":
+        """The record of a run from the sandbox's plain outcome (trainer.verdict.RunOutcome)."""
+        return cls(run_id=run_id, **dataclasses.asdict(outcome))
+
     @property
     def counts_as_best(self) -> bool:
         return self.status == RunStatus.completed and self.verified and self.val_bpb is not None
@@ -81,13 +93,17 @@ class BudgetStatus(BaseModel):
     best_run_id: int | None = None
     best_val_bpb: float | None = None
     active_run_ids: list[int] = Field(default_factory=list, description="every run in flight, oldest first")
+    unrecorded_run_ids: list[int] = Field(default_factory=list, description="runs that ended but whose outcome the "
+                                          "ledger could not write yet (full disk?); held until a write succeeds")
     budget: Budget | None = Field(None, description="the session's budget as stored in the ledger")
 
 
 class Refusal(BaseModel):
     """Why a submission was not run; `code` mirrors the reference service's HTTP status."""
 
-    code: int = Field(description="400 bad code, 409 every run slot busy, 422 syntax error, 429 budget spent")
+    code: int = Field(description="400 bad code, 409 every run slot busy, 422 syntax error, 429 budget spent, "
+                                  "507 the ledger cannot record a run now (disk full or failing: a run's outcome "
+                                  "waits to be written, or no room is left for it; free space, then submit again)")
     message: str
     runs_remaining: int | None = None
     match_time_remaining_secs: float | None = None
@@ -130,4 +146,5 @@ class ServiceSettings(BaseModel):
     sandbox: bool = Field(True, description="False runs train.py unconfined; every result then says sandboxed=false")
     cpus_per_run: int | None = Field(None, ge=1, description="default: the cluster's CPUs divided by concurrency")
     memory_mb: int | None = Field(None, ge=64, description="memory limit of one run (default: the sandbox's)")
+    disk_mb: int | None = Field(None, ge=1, description="disk a run may fill in its folder (default: the sandbox's)")
     data_dir: Path | None = Field(None, description="folder with train.bin/val.bin (default: the verified corpus cache)")

@@ -16,6 +16,14 @@ and cancels the run, and a small reaper process kills whatever of Ray's process 
 agents otherwise linger for a minute or more). The next harness to open the session records the
 run that was in flight as `interrupted`, exactly once.
 
+A full disk, or any failed write of the ledger, stops nothing: the ledger first gives back its reserve
+(see budget/ledger.py); an outcome it still cannot write is held by the actor, returned to the caller
+with the reason "not yet recorded in the ledger: ...", and written at every later call of the actor
+(submit, result, get, status, runs, close) until a write succeeds. Meanwhile new runs are refused
+(507, not charged). If the harness stops first, the next one records the held outcome from the
+ledger's note. A run folder's result.json is a copy of the ledger's record: failing to write it is
+logged and changes nothing.
+
 Joining a cluster (`ray_address` or RAY_ADDRESS): the harness must run on a node of that cluster,
 every node needs pgolf-agent installed and the session directory at the same path (a shared
 filesystem). Ray turns token auth on by default (local clusters since 2.59), and a client that
@@ -26,12 +34,11 @@ from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-tok
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
-import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +48,9 @@ import ray
 from pydantic import BaseModel
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from budget.ledger import Ledger, pid_alive
+from trainer.untrusted_files import read_tail, write_atomic
+
+from budget.ledger import Ledger, LedgerWriteError, pid_alive
 from budget.models import (
     BudgetStatus,
     RunProgress,
@@ -57,39 +66,16 @@ SUPERVISE_MARGIN_SECS = 120.0  # beyond the run timeout, for worker start-up and
 PROGRESS_SECS = 1.0       # how often a waiting caller gets a RunProgress
 RUNS_DIR = "runs"
 
+log = logging.getLogger(__name__)
+
 
 def run_dir_of(session_dir: Path, run_id: int) -> Path:
     return session_dir / RUNS_DIR / f"{run_id:03d}"
 
 
-def read_tail(path: Path, max_bytes: int) -> str:
-    """The end of a file in a run directory, which the run controls: never follows a link it planted."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return ""  # not written yet, or not a plain file
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            return ""
-        data = os.pread(fd, min(info.st_size, max_bytes), max(0, info.st_size - max_bytes))
-    finally:
-        os.close(fd)
-    return data.decode("utf-8", "replace")
-
-
 def tail_lines(path: Path, n: int = 5) -> list[str]:
     """The last n non-blank lines of a log that is still being written."""
     return [line for line in read_tail(path, 8192).splitlines() if line.strip()][-n:]
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace the file itself, never what a link planted in its place points to."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.fchmod(fd, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class ServiceUnavailable(RuntimeError):
@@ -105,11 +91,12 @@ class RunSpec(BaseModel):
     data_dir: Path
     time_budget: float
     timeout: float
-    startup_grace: float
+    clock_grace: float | None
     cpus: int
     gpus: int
     sandbox: bool
     memory_mb: int | None
+    disk_mb: int | None
     seed: int | None
 
 
@@ -135,14 +122,14 @@ def sandbox_problem() -> str | None:
 
 
 @ray.remote(max_retries=0)
-def run_in_sandbox(spec: RunSpec, service) -> RunResult:
-    """One run: execute_run in a thread while this thread polls the service's stop flag."""
+def run_in_sandbox(spec: RunSpec, service):
+    """One run: execute_run in a thread while this thread polls the service's stop flag; its RunOutcome."""
     from trainer.sandbox import execute_run  # imported where the run executes, not in the harness
 
     if not spec.run_dir.is_dir():
         raise FileNotFoundError(f"the session's run directory {spec.run_dir} is not visible on this node; "
                                 "put the session directory on a filesystem shared by every Ray node")
-    options = {"memory_mb": spec.memory_mb} if spec.memory_mb is not None else {}
+    options = {name: value for name in ("memory_mb", "disk_mb") if (value := getattr(spec, name)) is not None}
     cancel = threading.Event()
     outcome: dict = {}
 
@@ -150,7 +137,7 @@ def run_in_sandbox(spec: RunSpec, service) -> RunResult:
         try:
             outcome["result"] = execute_run(
                 spec.run_id, spec.train_code, spec.run_dir, data_dir=spec.data_dir, time_budget=spec.time_budget,
-                timeout=spec.timeout, startup_grace=spec.startup_grace, cpus=spec.cpus, gpus=spec.gpus,
+                timeout=spec.timeout, clock_grace=spec.clock_grace, cpus=spec.cpus, gpus=spec.gpus,
                 sandbox=spec.sandbox, seed=spec.seed, cancel_event=cancel, **options)
         except BaseException as exc:  # re-raised below, in the task's own thread
             outcome["error"] = exc
@@ -186,11 +173,27 @@ class ServiceActor:
         self.supervisors: set[asyncio.Task] = set()
 
     async def open(self) -> list[int]:
-        """Open (or resume) the session; returns the runs a dead harness left in flight, now interrupted."""
+        """Open (or resume) the session; returns the runs a dead harness left unrecorded, recorded now."""
         self.ledger = Ledger.open(self.settings.session_dir, self.settings.budget, harness_pid=self.harness_pid)
         return self.ledger.recovered_run_ids
 
+    def _flush(self) -> None:
+        """Write the outcomes the ledger holds, if it can now; their result.json follows."""
+        if self.ledger is None or not self.ledger.pending:
+            return
+        for run_id in self.ledger.flush_pending():
+            self._write_result_json(run_id)
+
+    def _write_result_json(self, run_id: int) -> None:
+        """The run folder's copy of the ledger's record (description, hypothesis and seed included)."""
+        path = run_dir_of(self.settings.session_dir, run_id) / "result.json"
+        try:
+            write_atomic(path, self.ledger.get(run_id).model_dump_json(indent=1))
+        except OSError as exc:
+            log.warning("run %d: %s not written (%s); the ledger holds the run's record", run_id, path, exc)
+
     async def submit(self, request: RunRequest) -> RunResult:
+        self._flush()
         run_id = self.ledger.reserve(request, max_active=self.settings.concurrency, sandboxed=self.settings.sandbox)
         budget = self.ledger.status().budget
         run_dir = run_dir_of(self.settings.session_dir, run_id)
@@ -199,12 +202,16 @@ class ServiceActor:
             write_atomic(run_dir / "train.py", request.train_code)  # kept even if the harness dies right now
             spec = RunSpec(run_id=run_id, train_code=request.train_code, run_dir=run_dir, data_dir=self.data_dir,
                            time_budget=budget.time_budget_secs, timeout=budget.run_timeout_secs,
-                           startup_grace=budget.startup_grace_secs, cpus=self.cpus, gpus=self.gpus,
-                           sandbox=self.settings.sandbox, memory_mb=self.settings.memory_mb, seed=request.seed)
+                           clock_grace=budget.clock_grace_secs, cpus=self.cpus, gpus=self.gpus,
+                           sandbox=self.settings.sandbox, memory_mb=self.settings.memory_mb,
+                           disk_mb=self.settings.disk_mb, seed=request.seed)
             ref = run_in_sandbox.options(num_cpus=self.cpus, num_gpus=self.gpus).remote(
                 spec, ray.get_runtime_context().current_actor)
         except Exception as exc:  # charged at start, so it needs an outcome
-            self.ledger.finish(run_id, self._failure(run_id, RunStatus.crashed, f"the run could not start: {exc}"))
+            try:
+                self.ledger.finish(run_id, self._failure(run_id, RunStatus.crashed, f"the run could not start: {exc}"))
+            except LedgerWriteError as unrecorded:  # held by the ledger, written at a later call
+                log.warning("%s", unrecorded)
             raise
         self.in_flight[run_id] = ref
         self.finished[run_id] = asyncio.Event()
@@ -222,13 +229,16 @@ class ServiceActor:
     async def _supervise(self, run_id: int, ref: ray.ObjectRef, deadline: float) -> None:
         """Wait for a run task and record its outcome in the ledger, whatever happens to the task."""
         try:
-            result = await asyncio.wait_for(_result_of(ref), deadline)
+            result = RunResult.from_outcome(run_id, await asyncio.wait_for(_result_of(ref), deadline))
         except asyncio.TimeoutError:
             ray.cancel(ref, force=True)
             result = self._failure(run_id, RunStatus.timeout,
                                    f"the run task did not return within {deadline:g} s; its worker was killed")
         except ray.exceptions.RayTaskError as exc:
-            result = self._failure(run_id, RunStatus.crashed, f"the run task failed: {exc.cause!r}")
+            reason = f"the run task failed: {exc.cause!r}"
+            if isinstance(exc.cause, OSError) and exc.cause.errno in (errno.ENOSPC, errno.EDQUOT):
+                reason += f"; the disk holding {self.settings.session_dir} is full: free space there"
+            result = self._failure(run_id, RunStatus.crashed, reason)
         except ray.exceptions.RayError as exc:
             result = self._failure(run_id, RunStatus.crashed, f"the run's Ray worker died: {type(exc).__name__}")
         finished_anyway = (RunStatus.completed, RunStatus.unverified, RunStatus.interrupted)
@@ -242,11 +252,16 @@ class ServiceActor:
                 # Left `running`, the run is recorded interrupted, once, when the session is next opened.
                 return
             try:
-                final = self.ledger.finish(run_id, result)
-            except ValueError as exc:  # the sandbox returned no outcome; the run still needs one
-                final = self.ledger.finish(run_id, self._failure(run_id, RunStatus.crashed, f"unusable run result: {exc}"))
-            # the run folder's result.json is the ledger's record: description, hypothesis and seed included
-            write_atomic(run_dir_of(self.settings.session_dir, run_id) / "result.json", final.model_dump_json(indent=1))
+                try:
+                    self.ledger.finish(run_id, result)
+                except ValueError as exc:  # the sandbox returned no outcome; the run still needs one
+                    self.ledger.finish(run_id, self._failure(run_id, RunStatus.crashed, f"unusable run result: {exc}"))
+            except LedgerWriteError as exc:
+                # Held by the ledger (and in its note, should the harness stop): `result` answers with the
+                # outcome and why it is not recorded yet; every later call of this actor tries again.
+                log.warning("%s", exc)
+            else:
+                self._write_result_json(run_id)
         finally:
             del self.in_flight[run_id]
             self.finished[run_id].set()
@@ -255,9 +270,11 @@ class ServiceActor:
         """The run's record once it has finished (at once if it already has)."""
         if run_id in self.finished:
             await self.finished[run_id].wait()
+        self._flush()
         return self.ledger.get(run_id)
 
     async def get(self, run_id: int) -> RunResult | None:
+        self._flush()
         return self.ledger.get(run_id)
 
     async def should_stop(self, run_id: int) -> bool:
@@ -278,15 +295,22 @@ class ServiceActor:
         return run_ids
 
     async def status(self) -> BudgetStatus:
+        self._flush()
         return self.ledger.status()
 
     async def runs(self) -> list[RunResult]:
+        self._flush()
         return self.ledger.runs()
 
-    async def close(self) -> None:
+    async def close(self) -> dict[int, str]:
+        """Stop the runs in flight and release the session; returns the outcomes still not recorded."""
         await self.cancel_all()
-        if self.ledger is not None:
-            self.ledger.close()
+        if self.ledger is None:
+            return {}
+        self._flush()
+        unrecorded = self.ledger.pending
+        self.ledger.close()  # what it still holds stays in its note; the next open records it
+        return unrecorded
 
 
 # The reaper runs as `python -c REAPER_SOURCE ROOT_PID...` beside the harness. While the harness lives
@@ -389,7 +413,10 @@ class TrainingService:
             here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
             self._actor = ServiceActor.options(scheduling_strategy=here).remote(
                 self.settings, os.getpid(), data_dir, cpus, gpus)
-            self.recovered_run_ids: list[int] = _unwrap(self._actor.open.remote())
+            try:
+                self.recovered_run_ids: list[int] = _unwrap(self._actor.open.remote())
+            except LedgerWriteError as exc:
+                raise ServiceUnavailable(str(exc)) from None
             self.cpus_per_run, self.gpus_per_run = cpus, gpus
             self.concurrency = settings.concurrency
         except BaseException:
@@ -492,9 +519,13 @@ class TrainingService:
         self._closed = True
         if self._actor is not None:
             try:
-                _unwrap(self._actor.close.remote())
+                unrecorded = _unwrap(self._actor.close.remote())
             except ray.exceptions.RayActorError:
-                pass  # never opened, or already gone: nothing left to record
+                unrecorded = {}  # never opened, or already gone: nothing left to record
+            for run_id, problem in unrecorded.items():
+                log.warning("run %d's outcome is not recorded in the ledger (%s); it is kept in %s and will be "
+                            "recorded when the session is next opened, once the disk has room", run_id, problem,
+                            self.settings.session_dir)
             ray.kill(self._actor)
         if self._owns_ray:
             ray.shutdown()

@@ -1,7 +1,10 @@
-"""The budget ledger: real SQLite, real processes, no Ray."""
+"""The budget ledger: real SQLite, real processes, real full disks, no Ray."""
+import errno
+import inspect
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -10,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from budget.ledger import Ledger, SessionLocked, SessionNotFound, check_code
+from budget.ledger import (
+    INTERRUPTED_BY_CRASH,
+    PENDING_FILE,
+    RESERVE_BYTES,
+    RESERVE_FILE,
+    Ledger,
+    LedgerWriteError,
+    SessionLocked,
+    SessionNotFound,
+    check_code,
+)
 from budget.models import MAX_CODE_BYTES, Budget, BudgetExhausted, RunRefused, RunRequest, RunResult, RunStatus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,3 +229,162 @@ def test_the_lock_file_names_the_harness(tmp_path):
     with Ledger.open(tmp_path, harness_pid=os.getppid()):
         holder = json.loads((tmp_path / ".lock").read_text())
         assert holder["pid"] == os.getpid() and holder["harness_pid"] == os.getppid()
+
+
+# --- a full disk ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path, request) -> Path:
+    """A 4 MiB tmpfs of its own, so a test can fill a disk for real."""
+    if os.geteuid() != 0:
+        pytest.skip("filling a real disk needs a size-limited tmpfs, and mounting one needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 4 MiB tmpfs on {disk}: {mounted.stderr.strip() or mounted.returncode}")
+    request.addfinalizer(lambda: subprocess.run(["umount", "--lazy", str(disk)], check=False))
+    return disk
+
+
+def fill(path):
+    """Write `path` until its disk is full (ENOSPC); returns the path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    block = os.urandom(1 << 16)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
+def integrity(session: Path) -> str:
+    with sqlite3.connect(session / "ledger.sqlite") as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def test_a_full_disk_never_loses_an_outcome(small_disk):
+    session = small_disk / "session"
+    reserve = session / RESERVE_FILE
+    ledger = Ledger.open(session, Budget(max_runs=5))
+    try:
+        assert reserve.stat().st_size == RESERVE_BYTES
+        assert reserve.stat().st_blocks * 512 >= RESERVE_BYTES  # real bytes, not a sparse file
+        first = ledger.reserve(RunRequest(train_code=CODE, description="first"))
+        second = ledger.reserve(RunRequest(train_code=CODE, description="second"), max_active=2)
+
+        filler = fill(small_disk / "filler")  # e.g. a run that wrote until the disk was full
+        recorded = ledger.finish(first, done(first, 1.9))  # the reserve makes room for the outcome
+        assert recorded.status == RunStatus.completed and recorded.description == "first"
+        assert not reserve.exists()  # given back to the disk, not re-made: no room for it
+        assert ledger.get(first).val_bpb == 1.9 and ledger.pending == {}
+        with pytest.raises(RunRefused) as full:  # no room to be sure of the next outcome: refused, not charged
+            ledger.reserve(RunRequest(train_code=CODE), max_active=5)
+        assert full.value.code == 507 and "nearly full" in str(full.value) and "2 MiB" in str(full.value)
+        assert f"free disk space in {session}" in str(full.value) and "cost no run" in str(full.value)
+        assert ledger.status().runs_used == 2
+
+        filler2 = fill(small_disk / "filler2")  # and now even the reserve's space is used up
+        before = time.time()
+        with pytest.raises(LedgerWriteError) as info:
+            ledger.finish(second, done(second, 1.8))
+        message = str(info.value)
+        assert f"the outcome of run {second} (completed) could not be recorded" in message
+        assert "database or disk is full" in message and f"free disk space in {session}" in message
+        assert str(session / PENDING_FILE) in message and "recorded as soon as a write succeeds" in message
+        # nothing is corrupt, the outcome is held and shown for what it is
+        assert integrity(session) == "ok"
+        assert ledger.get(first).val_bpb == 1.9
+        held = ledger.get(second)
+        assert held.status == RunStatus.completed and held.val_bpb == 1.8 and held.description == "second"
+        assert held.reasons[-1].startswith("not yet recorded in the ledger: database or disk is full; "
+                                           f"free disk space in {session}; it will be recorded as soon")
+        status = ledger.status()
+        assert (status.unrecorded_run_ids, status.active_run_ids, status.runs_used) == ([second], [], 2)
+        assert status.best_run_id == second  # 1.8, held: the truth, not yet on disk
+        with Ledger.open(session, exclusive=False) as reader:  # on disk: not recorded, not a false outcome
+            assert reader.get(second).status == RunStatus.running and reader.get(first).val_bpb == 1.9
+        # no new run while an outcome waits: refused, not charged, and says why and what to do
+        with pytest.raises(RunRefused) as refused:
+            ledger.reserve(RunRequest(train_code=CODE), max_active=5)
+        assert refused.value.code == 507 and not isinstance(refused.value, BudgetExhausted)
+        assert f"the outcome of run {second} is not yet recorded" in str(refused.value)
+        assert f"free disk space in {session}" in str(refused.value) and "cost no run" in str(refused.value)
+        assert refused.value.refusal.runs_remaining == 3 and ledger.status().runs_used == 2
+
+        filler.unlink()  # the cause is gone: the held outcome is written at the next attempt
+        filler2.unlink()
+        assert ledger.flush_pending() == [second] and ledger.pending == {}
+        again = ledger.get(second)
+        assert again.status == RunStatus.completed and again.val_bpb == 1.8
+        assert not any("not yet recorded" in reason for reason in again.reasons)
+        assert before <= again.finished_at.timestamp() <= before + 5  # when the run ended, not when it was written
+        assert reserve.stat().st_size == RESERVE_BYTES  # made again once there was room
+        assert (session / PENDING_FILE).read_bytes().strip(b"\0") == b""
+        assert ledger.reserve(RunRequest(train_code=CODE), max_active=5) == 2
+    finally:
+        ledger.close()
+    assert integrity(session) == "ok"
+    with Ledger.open(session) as ledger:
+        assert ledger.recovered_run_ids == [2]  # left running on purpose above
+        assert [r.status for r in ledger.runs()] == [RunStatus.completed, RunStatus.completed, RunStatus.interrupted]
+
+
+HOLDING_HARNESS = """
+import errno, os, sys, time
+from budget.ledger import Ledger, LedgerWriteError
+from budget.models import RunRequest, RunResult, RunStatus
+
+disk = sys.argv[1]
+ledger = Ledger.open(disk + "/session")
+for i in range(4):
+    ledger.reserve(RunRequest(train_code="x = 1", description=f"run {i}"), max_active=4)
+fill(disk + "/filler")
+ledger.finish(0, RunResult(run_id=0, status=RunStatus.completed, val_bpb=2.0, verified=True))  # uses the reserve
+fill(disk + "/filler2")
+for result in (RunResult(run_id=1, status=RunStatus.completed, val_bpb=1.5, verified=True, stdout_tail="log " * 900),
+               RunResult(run_id=2, status=RunStatus.crashed, reasons=["x" * 300_000])):  # too big for the note
+    try:
+        ledger.finish(result.run_id, result)
+    except LedgerWriteError as exc:
+        print(exc, flush=True)
+time.sleep(60)  # run 3 is still in flight when this harness is killed
+"""
+
+
+def test_outcomes_held_when_the_harness_dies_are_recorded_truthfully(small_disk):
+    session = small_disk / "session"
+    harness = python(inspect.getsource(fill) + HOLDING_HARNESS, str(small_disk))
+    held = [harness.stdout.readline() for _ in range(2)]
+    harness.send_signal(signal.SIGKILL)
+    harness.wait()
+    assert all("could not be recorded in the ledger: database or disk is full" in line for line in held), held
+
+    with pytest.raises(LedgerWriteError) as info:  # still full: a clear error, and nothing is lost
+        Ledger.open(session)
+    assert "database or disk is full" in str(info.value) and f"free disk space in {session}" in str(info.value)
+    assert integrity(session) == "ok"
+
+    (small_disk / "filler").unlink()
+    (small_disk / "filler2").unlink()
+    with Ledger.open(session) as ledger:
+        assert ledger.recovered_run_ids == [1, 2, 3]
+        late, unknown, in_flight = ledger.get(1), ledger.get(2), ledger.get(3)
+    assert late.status == RunStatus.completed and late.val_bpb == 1.5 and late.counts_as_best
+    assert late.description == "run 1" and late.stdout_tail.startswith("log log")
+    assert late.reasons == ["recorded when the session was next opened: the harness could not write this outcome "
+                            "to the ledger (database or disk is full) before it stopped"]
+    assert unknown.status == RunStatus.interrupted and unknown.description == "run 2"
+    assert unknown.reasons == ["outcome unknown: the harness could not record it (database or disk is full) "
+                               "before it stopped; the run is charged"]
+    assert in_flight.status == RunStatus.interrupted and in_flight.reasons == [INTERRUPTED_BY_CRASH]
+    with Ledger.open(session) as ledger:  # recorded once
+        assert ledger.recovered_run_ids == []
+        assert [len(r.reasons) for r in ledger.runs()] == [0, 1, 1, 1]
+        assert ledger.status().runs_used == 4 and ledger.status().best_run_id == 1
+    assert (session / PENDING_FILE).read_bytes().strip(b"\0") == b""

@@ -42,13 +42,12 @@ print(json.dumps({"val_bpb": evaluate_bpb(model, 8), "train_loss": loss.item(), 
 
 
 def tagged(code: str, marker: str) -> str:
-    """Re-exec the script with `marker` in its argv: every process it forks carries it, so survivors show up."""
-    return (f"import os, sys\nif sys.argv[-1] != {marker!r}:\n"
-            f"    os.execv(sys.executable, [sys.executable, *sys.argv, {marker!r}])\n") + textwrap.dedent(code)
+    """Name the script's process `marker`: every process it forks carries the name, so survivors show up."""
+    return f"import ctypes\nctypes.CDLL(None).prctl(15, {marker.encode()!r}, 0, 0, 0)\n" + textwrap.dedent(code)
 
 
 def run(corpus, tmp_path, code, **kw):
-    marker = f"pgolf-test-{uuid.uuid4().hex}"
+    marker = f"pgt-{uuid.uuid4().hex[:11]}"  # a process name holds 15 characters
     kw.setdefault("time_budget", 1)
     kw.setdefault("timeout", 30)
     result = execute_run(7, tagged(code, marker), tmp_path / "run", data_dir=corpus.directory, **kw)
@@ -61,11 +60,11 @@ def survivors(marker: str) -> list[int]:
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                cmdline = Path(f"/proc/{name}/cmdline").read_bytes()
+                comm = Path(f"/proc/{name}/comm").read_text().strip()
                 state = Path(f"/proc/{name}/stat").read_bytes().rsplit(b")", 1)[1].split()[0]
             except OSError:
                 continue
-            if marker.encode() in cmdline and state not in (b"Z", b"X"):
+            if comm == marker and state not in (b"Z", b"X"):
                 pids.append(int(name))
     return pids
 
@@ -78,18 +77,40 @@ def printed(result) -> dict:
 # Honest runs
 # ---------------------------------------------------------------------------
 
+# Trains a fixed number of steps, so the test can train the same model in-process and score it there.
+FIXED = """
+import json, torch, torch.nn as nn
+from prepare import evaluate_bpb, make_dataloader
+
+def train():
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Embedding(256, 16), nn.Linear(16, 256))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    loader = make_dataloader(8, 64)
+    for _ in range(30):
+        x, y = next(loader)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, 256), y.reshape(-1))
+        opt.zero_grad(); loss.backward(); opt.step()
+    return model
+
+if __name__ == "__main__":
+    print(json.dumps({"val_bpb": evaluate_bpb(train(), 8), "total_steps": 30}))
+"""
+
+
 @pytest.mark.slow
-def test_honest_run_is_verified_and_matches_in_process_evaluation(corpus, tmp_path):
-    result = run(corpus, tmp_path, TINY)
+def test_honest_run_is_verified_and_matches_in_process_evaluation(corpus, tmp_path, monkeypatch):
+    result = run(corpus, tmp_path, FIXED)
     assert result.status == RunStatus.completed and result.verified and result.sandboxed, result.reasons
     assert result.reasons == []
-    model = torch.nn.Sequential(torch.nn.Embedding(256, 16), torch.nn.Linear(16, 256))
-    model.load_state_dict(torch.load(tmp_path / "run" / "model.pt"))
-    assert result.val_bpb == pytest.approx(prepare.evaluate_bpb(model, 8), abs=1e-4)
+    monkeypatch.setitem(sys.modules, "prepare", prepare)
+    space: dict = {"__name__": "in_process"}
+    exec(FIXED, space)
+    torch.set_num_threads(1)
+    assert result.val_bpb == pytest.approx(prepare.evaluate_bpb(space["train"](), 8), abs=1e-5)
     assert result.reported_val_bpb == pytest.approx(result.val_bpb)  # evaluate_bpb returned the verified number
-    assert result.total_steps > 0 and result.train_loss is not None and 0 < result.training_secs < 1 + 10
-    saved = json.loads((tmp_path / "run" / "result.json").read_text())
-    assert saved["status"] == "completed" and saved["val_bpb"] == result.val_bpb
+    assert result.total_steps == 30 and 0 < result.training_secs < 1 and 0 < result.slowest_frame_secs < 1
     assert 0 <= result.cpu_others < 0.5  # the run's own and the evaluator's CPU time are not "other work"
 
 
@@ -275,7 +296,8 @@ def test_ray_files_and_keys_are_invisible(corpus, tmp_path, monkeypatch):
     # /tmp is a fresh tmpfs: only the folders leading to the run directory and to the Python installation exist
     bound = [Path(p).resolve() for p in (tmp_path, sys.prefix, sys.base_prefix)]
     expected = {p.relative_to("/tmp").parts[0] for p in bound if p.is_relative_to("/tmp")}
-    assert set(out["tmp"]) == expected and out["ray"] is False and out["secret"] is False
+    own = {name for name in out["tmp"] if name.startswith("torchinductor_")}  # made by the launcher's torch import
+    assert set(out["tmp"]) - own == expected and out["ray"] is False and out["secret"] is False
     in_root = {p.relative_to("/root").parts[0] for p in bound if p.is_relative_to("/root")}
     assert out["leaked"] == [] and (out["root"] is None or set(out["root"]) <= in_root)  # only what runs Python
 
@@ -305,21 +327,21 @@ def test_run_dir_is_left_with_plain_files_only(corpus, tmp_path):
     victim.write_text("untouched")
     code = f"""
     import os
-    os.symlink({str(victim)!r}, "result.json")  # the harness writes result.json after the run
+    os.symlink({str(victim)!r}, "result.json")  # the service writes result.json after the run
     os.unlink("train.py")
     os.mkdir("train.py")
     os.mkfifo("fifo")
+    os.makedirs("deep/er")
     with open("checkpoint.bin", "wb") as f:
         f.write(b"weights")
     """
     run(corpus, tmp_path, code)
     run_dir = tmp_path / "run"
     assert victim.read_text() == "untouched"
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.bin", "prepare.py", "result.json",
-                                                         "stderr.log", "stdout.log", "subword.py", "train.py"]
+    # nothing but the recorded outputs survives a run
+    assert sorted(p.name for p in run_dir.iterdir()) == ["stderr.log", "stdout.log", "train.py"]
     assert all(p.is_file() and not p.is_symlink() for p in run_dir.iterdir())
     assert "os.mkfifo" in (run_dir / "train.py").read_text()  # the code that ran, restored
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "unverified"
 
 
 def test_missing_bwrap_is_a_clear_error(corpus, tmp_path, monkeypatch):
@@ -384,8 +406,8 @@ def test_lookahead_model_fails_the_causality_audit(corpus, tmp_path):
     """
     result = run(corpus, tmp_path, code)
     assert result.status == RunStatus.unverified and not result.verified
-    assert result.reasons[0].startswith("causality audit failed: logits at position")
-    assert "model looks ahead" in result.reasons[0]
+    assert result.reasons[0].startswith("causality audit failed: validation window")
+    assert "looks ahead" in result.reasons[0]
 
 
 @pytest.mark.slow
@@ -405,7 +427,7 @@ def test_model_reading_other_rows_fails_the_consistency_audit(corpus, tmp_path):
     """
     result = run(corpus, tmp_path, code)
     assert result.status == RunStatus.unverified
-    assert result.reasons[0].startswith("consistency audit failed"), result.reasons
+    assert "audit failed" in result.reasons[0] and "other rows" in result.reasons[0], result.reasons
 
 
 @pytest.mark.slow
@@ -442,7 +464,7 @@ def test_second_evaluate_call_raises_inside_and_is_flagged(corpus, tmp_path):
     print(json.dumps({"val_bpb": first, "second": second}))
     """
     result = run(corpus, tmp_path, code)
-    assert printed(result)["second"] == "evaluate_bpb may be called once per run"
+    assert result.stdout_tail == ""  # printed after the hand-off: not kept
     assert result.status == RunStatus.unverified and not result.verified
     assert any("called more than once" in reason for reason in result.reasons), result.reasons
 
@@ -455,7 +477,7 @@ def test_training_past_the_budget_is_flagged(corpus, tmp_path):
     time.sleep(4)  # "trains" past TIME_BUDGET (1 s) + grace (1 s)
     print(json.dumps({"val_bpb": evaluate_bpb(nn.Sequential(nn.Embedding(256, 8), nn.Linear(8, 256)), 8)}))
     """
-    result = run(corpus, tmp_path, code, time_budget=1, startup_grace=1)
+    result = run(corpus, tmp_path, code, time_budget=1, clock_grace=1)
     assert result.status == RunStatus.unverified and result.training_secs > 4
     assert result.reasons[0].startswith("training clock exceeded") and "over TIME_BUDGET 1 s" in result.reasons[0]
 

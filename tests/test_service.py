@@ -1,18 +1,19 @@
 """The training service end to end: real Ray, real sandboxed runs, real processes killed for real."""
+import contextlib
+import errno
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pytest
-import ray
 
-from budget.ledger import SessionLocked
+from budget.ledger import RESERVE_BYTES, RESERVE_FILE, Ledger, SessionLocked
 from budget.models import Budget, RunRefused, RunRequest, RunStatus, ServiceSettings
 from budget.service import TrainingService
 
@@ -117,13 +118,6 @@ def alive(tree: dict[int, str]) -> dict[int, str]:
     return still
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 def tiny_budget(**changes) -> Budget:
     return Budget(**{"max_runs": 3, "time_budget_secs": 2, "run_timeout_secs": 30, **changes})
 
@@ -140,8 +134,7 @@ def test_a_run_end_to_end(corpus, local_ray, tmp_path):
         assert result.description == "tiny" and result.total_steps > 0
         assert progress and progress[-1].run_id == 0 and progress[-1].elapsed_secs > 0
         run_dir = tmp_path / "runs" / "000"
-        for name in ("train.py", "prepare.py", "stdout.log", "stderr.log", "result.json"):
-            assert (run_dir / name).is_file(), name
+        assert sorted(p.name for p in run_dir.iterdir()) == ["result.json", "stderr.log", "stdout.log", "train.py"]
         assert (run_dir / "train.py").read_text() == tiny_train()
 
         with pytest.raises(RunRefused) as refused:
@@ -267,3 +260,175 @@ def test_cli_submit_and_service_status(corpus, local_ray, tmp_path):
     with TrainingService(ServiceSettings(session_dir=session)) as _:  # this process now drives the session
         locked = cli("submit", str(train_file), "--session", str(session))
     assert locked.returncode == 2 and f"in use by pid {os.getpid()}" in locked.stderr
+
+
+# A tiny model as above, after PRELUDE, that keeps working on a full disk: no progress lines, and its
+# report goes straight to stdout.log, which may have no room (the evaluator has the score anyway).
+DISK_TRAIN = '''\
+import ctypes
+import json
+import os
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from prepare import TIME_BUDGET, VOCAB_SIZE, evaluate_bpb, make_dataloader
+
+PRELUDE
+torch.manual_seed(0)
+model = nn.Sequential(nn.Embedding(VOCAB_SIZE, 32), nn.Linear(32, VOCAB_SIZE))
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+batches = make_dataloader(8, 64)
+start, steps = time.time(), 0
+while time.time() - start < TIME_BUDGET:
+    x, y = next(batches)
+    loss = F.cross_entropy(model(x).reshape(-1, VOCAB_SIZE), y.reshape(-1))
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    steps += 1
+val_bpb = evaluate_bpb(model, 64)
+try:
+    os.write(1, (json.dumps({"val_bpb": val_bpb, "train_loss": loss.item(), "total_steps": steps}) + "\\n").encode())
+except OSError:
+    pass
+'''
+
+FILL_CWD = '''\
+try:  # fill the disk the run folder is on
+    with open("fill.bin", "wb", buffering=0) as f:
+        while True:
+            f.write(b"x" * (1 << 20))
+except OSError:
+    pass
+'''
+
+WAIT_FOR_FULL_DISK = '''\
+ctypes.CDLL(None).prctl(15, b"MARKER", 0, 0, 0)  # PR_SET_NAME: the test fills the disk once it sees this
+deadline = time.time() + 60
+while os.statvfs(".").f_bavail > 0 and time.time() < deadline:
+    time.sleep(0.05)
+'''
+
+
+def disk_train(prelude: str) -> str:
+    return DISK_TRAIN.replace("PRELUDE", prelude)
+
+
+@pytest.fixture
+def small_disk(tmp_path, request) -> Path:
+    """A 16 MiB tmpfs of its own, so a run can fill a disk for real."""
+    if os.geteuid() != 0:
+        pytest.skip("filling a real disk needs a size-limited tmpfs, and mounting one needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a 16 MiB tmpfs on {disk}: {mounted.stderr.strip() or mounted.returncode}")
+    request.addfinalizer(lambda: subprocess.run(["umount", "--lazy", str(disk)], check=False))
+    return disk
+
+
+@contextlib.contextmanager
+def keep_full(path: Path):
+    """Fill the disk, and keep it full until the block ends: take back every page anything frees."""
+    fill(path)
+    stop = threading.Event()
+
+    def refill():
+        while not stop.is_set():
+            try:
+                with open(path, "ab", buffering=0) as f:
+                    f.write(b"x" * 4096)
+            except OSError:
+                time.sleep(0.001)
+
+    thread = threading.Thread(target=refill, daemon=True)
+    thread.start()
+    try:
+        yield path
+    finally:
+        stop.set()
+        thread.join()
+
+
+def fill(path: Path) -> Path:
+    """Write `path` until its disk is full (ENOSPC)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * (1 << 16))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return path
+
+
+def on_disk(session: Path, run_id: int):
+    """The run as the ledger file holds it, read by another connection (no outcome held in memory)."""
+    with Ledger.open(session, exclusive=False) as reader:
+        return reader.get(run_id)
+
+
+@pytest.mark.slow
+def test_a_full_disk_loses_no_outcome_and_the_session_recovers(corpus, local_ray, small_disk):
+    session = small_disk / "session"
+    reserve = session / RESERVE_FILE
+    with TrainingService(ServiceSettings(session_dir=session, budget=tiny_budget(max_runs=4))) as service:
+        assert reserve.stat().st_size == RESERVE_BYTES
+
+        # 1. The run itself fills the disk: its outcome is recorded all the same (the reserve makes room).
+        filled = service.submit(RunRequest(train_code=disk_train(FILL_CWD), description="fills the disk"))
+        assert filled.status not in (RunStatus.running, RunStatus.refused)
+        assert not any("not yet recorded" in reason for reason in filled.reasons), filled.reasons
+        recorded = on_disk(session, 0)
+        assert (recorded.status, recorded.val_bpb, recorded.reasons) == (filled.status, filled.val_bpb, filled.reasons)
+        fill_file = session / "runs" / "000" / "fill.bin"
+        if fill_file.exists():  # the sandbox left what the run wrote: the disk is still full
+            if filled.status != RunStatus.completed:
+                assert any("No space left on device" in reason and "free space" in reason
+                           for reason in filled.reasons), filled.reasons
+            with pytest.raises(RunRefused) as full:  # no room to be sure of recording another outcome
+                service.submit(RunRequest(train_code=tiny_train()))
+            assert full.value.code == 507 and f"free disk space in {session}" in str(full.value)
+            assert "cost no run" in str(full.value) and service.status().runs_used == 1
+            fill_file.unlink()
+
+        # 2. Space is back, and then the disk fills up (reserve gone) while the next run trains:
+        #    its outcome is held, shown with why, and written as soon as there is room again.
+        marker = new_marker()
+        run_id = service.submit_async(RunRequest(train_code=disk_train(WAIT_FOR_FULL_DISK.replace("MARKER", marker)),
+                                                 description="ends on a full disk"))
+        assert run_id == 1 and reserve.exists()
+        wait_until(lambda: marked_pids(marker), 90, "the run's training process")
+        reserve.unlink()
+        with keep_full(small_disk / "filler") as filler:  # also the little the run's clean-up frees
+            [held] = service.wait([run_id])
+        assert held.status not in (RunStatus.running, RunStatus.refused)
+        assert held.reasons[-1].startswith("not yet recorded in the ledger: database or disk is full; "
+                                           f"free disk space in {session}; it will be recorded as soon"), held.reasons
+        assert on_disk(session, run_id).status == RunStatus.running  # on disk: not recorded, never a false outcome
+        status = service.status()
+        assert (status.unrecorded_run_ids, status.active_run_ids, status.runs_used) == ([run_id], [], 2)
+        with pytest.raises(RunRefused) as waiting:
+            service.submit(RunRequest(train_code=tiny_train()))
+        assert waiting.value.code == 507 and f"the outcome of run {run_id} is not yet recorded" in str(waiting.value)
+        assert f"free disk space in {session}" in str(waiting.value) and service.status().runs_used == 2
+
+        filler.unlink()
+        final = service.get(run_id)  # any call of the service writes what it holds
+        assert (final.status, final.val_bpb, final.reasons) == (held.status, held.val_bpb, held.reasons[:-1])
+        assert service.status().unrecorded_run_ids == []
+        assert on_disk(session, run_id).status == held.status
+        assert json.loads((session / "runs" / "001" / "result.json").read_text())["status"] == held.status.value
+
+        # 3. The session works as before.
+        again = service.submit(RunRequest(train_code=tiny_train(), description="after the disk was freed"))
+        assert again.status == RunStatus.completed, again.reasons
+        assert reserve.stat().st_size == RESERVE_BYTES
+        assert service.status().runs_used == 3

@@ -1,19 +1,29 @@
-"""The trusted evaluator: scores a run's model from outside its sandbox.
+"""The trusted evaluator: scores a run's frozen model from outside both of its sandboxes.
 
-Inside the sandbox `prepare.evaluate_bpb` is a hand-off (see `prepare._hand_off`):
-the script sends `ready`, then answers every `forward` frame (uint8 windows of
-shape [n, T]) with a `logits` frame (float32, [n, T, VOCAB_SIZE]). This side
-holds the targets and decides everything that matters for the number:
+The training sandbox talks to it over two pipes (see `prepare._hand_off`):
+the launcher sends `start` just before train.py's first line (the training
+clock starts), and `evaluate_bpb` sends `ready` with the model frozen as
+bytes (the clock stops). The training processes are then stopped, and the
+snapshot goes to the evaluation sandbox (`trainer/eval_server.py`), which
+answers every frame of windows with logits from a fresh process that loaded
+the snapshot and nothing else. When the number is known, the evaluation
+sandbox is gone, the training processes continue, and `done` carries the
+number back to the script.
 
-- the windows: always `prepare.eval_windows(val)`, in FORWARD_ROWS-row frames
-  whatever batch size the script passed;
+This side decides everything that matters for the number:
+- the windows: always `prepare.eval_windows(val)`, whatever batch size the script passed;
+- the frames: every window once, plus AUDIT_WINDOWS audit copies, shuffled into frames of
+  FRAME_ROWS rows, so a row's neighbours are random windows and no copy shares a frame with
+  its original;
 - the loss: `prepare.sum_nats` over our own log-softmax of the returned logits;
-- a causality audit (see `_audit`);
-- the verdict, sent back as `done` so the script's `evaluate_bpb` returns it.
+- the audit (see `_compare`), with tolerances the harness sets, not the model;
+- how long the slowest frame took: a frame could train the snapshot before answering, so the
+  runner counts it on the training clock.
 
-The child is treated as hostile: frame sizes are bounded before anything is
-read, every read and write has a deadline, and nothing it sends is trusted
-beyond the logits themselves.
+Frames are served by processes that cannot keep state from one frame to the
+next, so a model cannot recognise a window it has seen, remember what it
+answered, or learn from the windows it was shown: an audit copy is answered
+by the same function of its own bytes as every other row.
 """
 from __future__ import annotations
 
@@ -24,6 +34,7 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -31,202 +42,86 @@ import torch.nn.functional as F
 
 from trainer import prepare
 
-FORWARD_ROWS = 64          # windows per forward frame: the evaluator's, never the script's B
-AUDIT_WINDOWS = 8          # windows re-sent with their suffix replaced by random bytes
-# Allowed change of a log-probability, times (1 + its largest magnitude). Honest float32 noise measures 0.0
-# on the baseline for both checks. Across batch sizes a GPU may pick other kernels: in bf16 that moves a logit
-# by up to one ulp (about 0.4 % of its size), hence the looser consistency bound; reading other rows or later
-# bytes moves predictions by O(1).
-AUDIT_RTOL = 1e-3
-CONSISTENCY_RTOL = 2e-2
+FRAME_ROWS = 64            # windows per frame: the evaluator's, never the script's B
+AUDIT_WINDOWS = 128        # windows sent a second time with their suffix replaced (a quarter of the 512)
+# Allowed change of a log-probability between a window and its audit copy, in nats, before the first
+# replaced byte. The same frozen model in a fresh process gives bit-identical float32 logits on a CPU
+# (measured: 0.0); a GPU may pick other kernels for another batch. A model that uses the bytes after
+# position t at t cannot gain more than the tolerance per byte and pass (see _compare).
+TOLERANCE_NATS = {"cpu": 1e-3, "cuda": 2e-2}
+LOGP_FLOOR = -30.0         # log-probs below this are compared as this: a byte that improbable costs 43 bits
 MAX_HEADER_BYTES = 64 * 1024
 POLL_SECS = 0.2            # how often a blocked read or write checks for stop and the deadline
 
 
 class ProtocolError(Exception):
-    """The child broke the hand-off protocol; the message is the reason shown to the user."""
+    """A sandbox broke the hand-off protocol; the message is the reason shown to the user."""
 
 
 class Stopped(Exception):
-    """The run ended (or the harness stopped the evaluation) while we waited on the pipe."""
+    """The run ended (or the harness stopped the evaluation) while we waited on a pipe."""
 
 
 @dataclass
 class Evaluation:
-    """What the evaluator established; the runner turns it into a RunResult."""
+    """What the evaluator established; the runner turns it into the run's outcome."""
 
-    ready_at: float | None = None   # time.monotonic() when `ready` arrived: the end of the training clock
-    val_bpb: float | None = None    # set only when every window was scored with finite logits
+    started_at: float | None = None  # time.monotonic() of `start`: the training clock starts
+    ready_at: float | None = None    # time.monotonic() of `ready`: the training clock stops
+    val_bpb: float | None = None     # set only when every window was scored with finite logits and audited
+    done_at: float | None = None     # time.monotonic() when the number was known
+    max_frame_secs: float = 0.0      # the slowest frame, from request to the last byte of its logits
+    frames: int = 0
     reasons: list[str] = field(default_factory=list)  # why the number cannot be trusted
 
 
-class TrustedEvaluator:
-    """Serves one run's hand-off over two pipe fds, which it owns and closes; `run` is meant for a thread."""
+class FramePipe:
+    """Bounded frame I/O over a pair of non-blocking pipe fds that this object owns."""
 
-    def __init__(self, val: torch.Tensor, read_fd: int, write_fd: int, deadline: float, *,
-                 audit_seed: int, rows: int = FORWARD_ROWS, audit_windows: int = AUDIT_WINDOWS):
-        self.x, self.y = prepare.eval_windows(val)
-        self.rows = rows
+    def __init__(self, read_fd: int, write_fd: int, deadline: float, stop: threading.Event, peer: str):
         self.rfd, self.wfd = read_fd, write_fd
-        for fd in (read_fd, write_fd):  # a stalled child must never block us past the deadline
+        for fd in (read_fd, write_fd):  # a stalled peer must never block us past the deadline
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
-        self.deadline = deadline
-        self.result = Evaluation()
-        self._stop = threading.Event()
-        n, t = self.x.shape
-        g = torch.Generator().manual_seed(audit_seed)
-        self.audit_idx = torch.randperm(n, generator=g)[:audit_windows].tolist()
-        self.audit_pos = torch.randint(1, t, (len(self.audit_idx),), generator=g).tolist()
-        self.audit_noise = torch.randint(0, prepare.VOCAB_SIZE, (len(self.audit_idx), t), generator=g)
+        self.deadline, self.stop, self.peer = deadline, stop, peer
 
-    def stop(self) -> None:
-        self._stop.set()
-
-    def run(self) -> None:
-        try:
-            self._serve()
-        except ProtocolError as exc:
-            self.result.reasons.append(str(exc))
-        except Stopped:
-            pass
-        except Exception as exc:  # a bug here must surface in the result, not vanish with the thread
-            self.result.reasons.append(f"trusted evaluator failed: {type(exc).__name__}: {exc}")
-        finally:  # closing tells a child still waiting on us that no answer is coming
-            os.close(self.rfd)
-            os.close(self.wfd)
-
-    # -- the protocol ---------------------------------------------------------
-
-    def _serve(self) -> None:
-        header = self._recv_header(eof_ok=True)
-        if header is None:
-            return  # the script exited without calling evaluate_bpb; the runner says so
-        if header["op"] != "ready" or header["nbytes"]:
-            raise ProtocolError(f"evaluation protocol violated: expected `ready` from evaluate_bpb, "
-                                f"got {header['op']!r}")
-        self.result.ready_at = time.monotonic()
-
-        total, kept = 0.0, {}
-        for start in range(0, self.x.shape[0], self.rows):
-            logits = self._forward(self.x[start:start + self.rows])
-            if not torch.isfinite(logits).all():
-                self.result.reasons.append(
-                    "the model returned NaN or inf logits on the validation windows, so there is no val_bpb "
-                    "(training probably diverged: lower the learning rate or clip gradients)")
-                self._send({"op": "done", "val_bpb": float("nan")})
-                return self._watch_after_done()
-            total += prepare.sum_nats(logits, self.y[start:start + self.rows])
-            for w in self.audit_idx:
-                if start <= w < start + self.rows:
-                    kept[w] = logits[w - start].clone()
-        val_bpb = prepare.bpb(total, self.y.numel())
-        self._audit(kept)
-        self.result.val_bpb = val_bpb
-        self._send({"op": "done", "val_bpb": val_bpb})
-        self._watch_after_done()
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t = x.shape
-        self._send({"op": "forward", "shape": [n, t]}, x.to(torch.uint8).numpy().tobytes())
-        expected = n * t * prepare.VOCAB_SIZE * 4
-        header = self._recv_header(max_payload=expected)
-        if header["op"] == "error":
-            raise ProtocolError(f"the model raised during evaluation: {str(header.get('message'))[:500]}")
-        shape = [n, t, prepare.VOCAB_SIZE]
-        if header["op"] != "logits" or header.get("shape") != shape or header["nbytes"] != expected:
-            raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
-                                f"got {header['op']!r} {header.get('shape')!r}")
-        payload = self._read_exact(expected)
-        return torch.frombuffer(payload, dtype=torch.float32).view(n, t, prepare.VOCAB_SIZE)
-
-    def _audit(self, kept: dict[int, torch.Tensor]) -> None:
-        """Causality and consistency audit, sent after all scoring windows.
-
-        Each audited window goes out twice in one frame: as is, and with every
-        input byte from a random position p on replaced by random bytes. Logits
-        at positions < p must not change (position t may only see inputs 0..t),
-        and the unchanged copy must match what the same window gave while being
-        scored: the output must not depend on the other rows of a batch, which
-        hold other val text, including the text that follows the window.
-
-        Why this order leaks no targets: every byte we send is either an input
-        byte of a scoring window, which the model sees when that window is
-        scored anyway, or a random byte; the one target per window that is
-        never an input (its last byte) is never sent in any frame.
-        """
-        rows = []
-        for j, (w, p) in enumerate(zip(self.audit_idx, self.audit_pos)):
-            changed = self.x[w].clone()
-            changed[p:] = self.audit_noise[j, p:]
-            rows += [self.x[w], changed]
-        logits = self._forward(torch.stack(rows))
-        if not torch.isfinite(logits).all():
-            self.result.reasons.append("the model returned NaN or inf logits on the audit windows")
-            return
-        logp = F.log_softmax(logits.double(), dim=-1)  # what is scored: a shift of all logits changes nothing
-        for j, (w, p) in enumerate(zip(self.audit_idx, self.audit_pos)):
-            same, changed = logp[2 * j], logp[2 * j + 1]
-            moved = (same[:p] - changed[:p]).abs().amax(dim=-1)
-            bad = (moved > AUDIT_RTOL * (1 + same[:p].abs().max())).nonzero()
-            if len(bad):
-                i = int(bad[0])
-                self.result.reasons.append(
-                    f"causality audit failed: logits at position {i} changed (log-probs by {float(moved[i]):.3g}) "
-                    f"when only bytes from position {p} on changed (model looks ahead); "
-                    "position t may only use inputs 0..t")
-                return
-            scored = F.log_softmax(kept[w].double(), dim=-1)
-            drift = float((same - scored).abs().max())
-            if drift > CONSISTENCY_RTOL * (1 + float(scored.abs().max())):
-                self.result.reasons.append(
-                    f"consistency audit failed: validation window {w} gave different predictions (log-probs by "
-                    f"{drift:.3g}) in two batches; the model's output must not depend on the other rows of a batch")
-                return
-
-    def _watch_after_done(self) -> None:
-        """Anything the child sends after `done` is a second evaluation attempt or a protocol breach."""
-        header = self._recv_header(eof_ok=True, max_payload=0)
-        if header is None:
-            return
-        if header["op"] == "ready":
-            self.result.reasons.append("evaluate_bpb was called more than once; a run may evaluate once, "
-                                       "so the first number is not trusted either")
-        else:
-            self.result.reasons.append(
-                f"evaluation protocol violated: unexpected {header['op']!r} after the evaluation")
-
-    # -- bounded frame I/O ------------------------------------------------------
-
-    def _send(self, header: dict, payload: bytes = b"") -> None:
-        head = json.dumps({**header, "nbytes": len(payload)}).encode()
-        view = memoryview(struct.pack(">I", len(head)) + head + payload)
-        while view:
-            self._wait(self.wfd, select.POLLOUT)
+    def close(self) -> None:
+        for fd in (self.rfd, self.wfd):
             try:
-                view = view[os.write(self.wfd, view):]
-            except BlockingIOError:
-                continue
-            except BrokenPipeError:
-                raise Stopped from None  # the child is gone; the runner reports its exit
+                os.close(fd)
+            except OSError:
+                pass
 
-    def _recv_header(self, *, eof_ok: bool = False, max_payload: int = 0) -> dict | None:
+    def send(self, header: dict, payload: bytes = b"") -> None:
+        head = json.dumps({**header, "nbytes": len(payload)}).encode()
+        for part in (struct.pack(">I", len(head)) + head, payload):
+            view = memoryview(part)
+            while view:
+                self._wait(self.wfd, select.POLLOUT)
+                try:
+                    view = view[os.write(self.wfd, view):]
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    raise Stopped from None  # the peer is gone; the runner reports why
+
+    def recv(self, *, max_payload: int = 0, eof_ok: bool = False) -> tuple[dict, bytearray] | None:
         raw = self._read_exact(4, eof_ok=eof_ok)
         if raw is None:
             return None
         (size,) = struct.unpack(">I", raw)
         if size > MAX_HEADER_BYTES:
-            raise ProtocolError(f"evaluation protocol violated: a {size}-byte frame header "
-                                f"(the limit is {MAX_HEADER_BYTES})")
+            raise ProtocolError(f"evaluation protocol violated: a {size}-byte frame header from the "
+                                f"{self.peer} (the limit is {MAX_HEADER_BYTES})")
         try:
             header = json.loads(bytes(self._read_exact(size)))
         except ValueError:
-            raise ProtocolError("evaluation protocol violated: a frame header is not JSON") from None
+            raise ProtocolError(f"evaluation protocol violated: a frame header from the {self.peer} "
+                                "is not JSON") from None
         if not (isinstance(header, dict) and isinstance(header.get("op"), str)
                 and isinstance(header.get("nbytes"), int) and 0 <= header["nbytes"] <= max_payload):
-            raise ProtocolError(f"evaluation protocol violated: bad frame header {str(header)[:200]}")
-        if header["op"] != "logits" and header["nbytes"]:
-            raise ProtocolError(f"evaluation protocol violated: {header['op']!r} frame with a payload")
-        return header
+            raise ProtocolError(f"evaluation protocol violated: bad frame header from the {self.peer}: "
+                                f"{str(header)[:200]}")
+        return header, self._read_exact(header["nbytes"])
 
     def _read_exact(self, n: int, *, eof_ok: bool = False) -> bytearray | None:
         buf = bytearray(n)
@@ -240,7 +135,7 @@ class TrustedEvaluator:
             if k == 0:
                 if eof_ok and got == 0:
                     return None
-                raise ProtocolError("the script closed the evaluation pipe in the middle of the evaluation")
+                raise ProtocolError(f"the {self.peer} closed the evaluation pipe in the middle of the evaluation")
             got += k
         return buf
 
@@ -248,13 +143,182 @@ class TrustedEvaluator:
         poller = select.poll()
         poller.register(fd, event)
         while True:
-            if self._stop.is_set():
+            if self.stop.is_set() or time.monotonic() >= self.deadline:
                 raise Stopped
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise Stopped
-            if poller.poll(min(POLL_SECS, left) * 1000):
+            if poller.poll(min(POLL_SECS, self.deadline - time.monotonic()) * 1000):
                 return
+
+
+@dataclass
+class Row:
+    """One row of a frame: window `window` as is (cut None), or its audit copy cut at `cut`."""
+
+    window: int
+    cut: int | None = None  # audit copies: bytes from here on come from window `donor`
+    donor: int = 0
+
+
+def plan_frames(n: int, t: int, rows: int, audits: int, g: torch.Generator) -> list[list[Row]]:
+    """Every window once and `audits` audit copies, shuffled into frames; no copy beside its original."""
+    chosen = torch.randperm(n, generator=g)[:audits].tolist()
+    cuts = torch.randint(1, t + 1, (len(chosen),), generator=g).tolist()  # t: an identical copy
+    donors = [(w + 1 + int(torch.randint(0, n - 1, (1,), generator=g))) % n for w in chosen]
+    all_rows = [Row(w) for w in range(n)] + [Row(w, c, d) for w, c, d in zip(chosen, cuts, donors)]
+    order = [all_rows[i] for i in torch.randperm(len(all_rows), generator=g).tolist()]
+    frames = [order[i:i + rows] for i in range(0, len(order), rows)]
+
+    def clash(frame: list[Row], row: Row, ignore: Row | None = None) -> bool:
+        return any(o is not ignore and o is not row and o.window == row.window for o in frame)
+
+    for f, frame in enumerate(frames):
+        for i, row in enumerate(frame):
+            while clash(frame, row):  # swap it with a row of another frame where neither clashes
+                f2 = int(torch.randint(0, len(frames), (1,), generator=g))
+                j = int(torch.randint(0, len(frames[f2]), (1,), generator=g))
+                other = frames[f2][j]
+                if f2 != f and not clash(frames[f2], row, ignore=other) and not clash(frame, other, ignore=row):
+                    frame[i], frames[f2][j] = other, row
+                    row = other
+    return frames
+
+
+class TrustedEvaluator:
+    """Serves one run's hand-off; `run` is meant for a thread. Owns both pipes and closes them."""
+
+    def __init__(self, val: torch.Tensor, training: FramePipe, *, start_server: Callable[[], FramePipe],
+                 freeze: Callable[[], None], thaw: Callable[[], None], stop_server: Callable[[], None],
+                 seed: int, device_kind: str = "cpu", max_snapshot_bytes: int = 1 << 30,
+                 rows: int = FRAME_ROWS, audits: int = AUDIT_WINDOWS):
+        self.x, self.y = prepare.eval_windows(val)
+        self.training = training
+        self.start_server, self.freeze, self.thaw, self.stop_server = start_server, freeze, thaw, stop_server
+        self.tolerance = TOLERANCE_NATS[device_kind]
+        self.max_snapshot_bytes = max_snapshot_bytes
+        self.frames = plan_frames(self.x.shape[0], self.x.shape[1], rows, audits, torch.Generator().manual_seed(seed))
+        self.audited = {r.window for frame in self.frames for r in frame if r.cut is not None}
+        self.result = Evaluation()
+
+    def stop(self) -> None:
+        self.training.stop.set()
+
+    def run(self) -> None:
+        try:
+            self._serve()
+        except ProtocolError as exc:
+            self.result.reasons.append(str(exc))
+        except Stopped:
+            pass
+        except Exception as exc:  # a bug here must surface in the result, not vanish with the thread
+            self.result.reasons.append(f"trusted evaluator failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.training.close()  # tells a script still waiting on us that no answer is coming
+
+    def _serve(self) -> None:
+        first = self.training.recv(eof_ok=True)
+        if first is None:
+            return  # the launcher never got as far as the script; the runner reports the exit
+        if first[0]["op"] != "start":
+            raise ProtocolError(f"evaluation protocol violated: expected `start`, got {first[0]['op']!r}")
+        self.result.started_at = time.monotonic()
+        frame = self.training.recv(eof_ok=True, max_payload=self.max_snapshot_bytes)
+        if frame is None:
+            return  # the script exited without calling evaluate_bpb; the runner says so
+        header, snapshot = frame
+        if header["op"] != "ready" or not header["nbytes"]:
+            raise ProtocolError(f"evaluation protocol violated: expected `ready` with the model from "
+                                f"evaluate_bpb, got {header['op']!r}")
+        self.result.ready_at = time.monotonic()
+        self.freeze()
+        try:
+            val_bpb = self._evaluate(bytes(snapshot), str(header.get("device", "cpu"))[:64])
+        finally:
+            self.result.done_at = time.monotonic()
+            self.stop_server()
+            self.thaw()
+        self._answer(val_bpb)
+
+    def _answer(self, val_bpb: float | None) -> None:
+        self.training.send({"op": "done", "val_bpb": float("nan") if val_bpb is None else val_bpb})
+        again = self.training.recv(eof_ok=True)  # anything after `done` is a second evaluation or a breach
+        if again is None:
+            return
+        if again[0]["op"] == "ready":
+            self.result.val_bpb = None
+            self.result.reasons.append("evaluate_bpb was called more than once; a run may evaluate once, "
+                                       "so the first number is not trusted either")
+        else:
+            self.result.reasons.append(f"evaluation protocol violated: unexpected {again[0]['op']!r} "
+                                       "after the evaluation")
+
+    def _evaluate(self, snapshot: bytes, device: str) -> float | None:
+        server = self.start_server()
+        server.send({"op": "snapshot", "device": device}, snapshot)
+        nats, pending = 0.0, {}
+        for frame in self.frames:
+            x = torch.stack([self.x[r.window] if r.cut is None else
+                             torch.cat([self.x[r.window][:r.cut], self.x[r.donor][r.cut:]]) for r in frame])
+            logits = self._forward(server, x)
+            if not torch.isfinite(logits).all():
+                self.result.reasons.append(
+                    "the model returned NaN or inf logits on the validation windows, so there is no val_bpb "
+                    "(training probably diverged: lower the learning rate or clip gradients)")
+                return None
+            scored = [i for i, row in enumerate(frame) if row.cut is None]
+            nats += prepare.sum_nats(logits[scored], self.y[[frame[i].window for i in scored]])
+            for i, row in enumerate(frame):
+                if row.window in self.audited:  # kept until the window and its copy have both been seen
+                    both = pending.setdefault(row.window, {})
+                    both["copy" if row.cut is not None else "scored"] = (row, logits[i].clone())
+                    if len(both) == 2:
+                        del pending[row.window]
+                        (copy, copy_logits), (_, scored_logits) = both["copy"], both["scored"]
+                        failure = _compare(scored_logits, copy_logits, copy.cut, copy.window, self.tolerance)
+                        if failure:
+                            self.result.reasons.append(failure)
+                            return None
+        self.result.val_bpb = prepare.bpb(nats, self.y.numel())
+        return self.result.val_bpb
+
+    def _forward(self, server: FramePipe, x: torch.Tensor) -> torch.Tensor:
+        n, t = x.shape
+        began = time.monotonic()
+        server.send({"op": "forward", "shape": [n, t]}, x.to(torch.uint8).numpy().tobytes())
+        expected = n * t * prepare.VOCAB_SIZE * 4
+        header, payload = server.recv(max_payload=expected)
+        if header["op"] == "error":
+            raise ProtocolError(f"the model raised during evaluation: {str(header.get('message'))[:300]}")
+        shape = [n, t, prepare.VOCAB_SIZE]
+        if header["op"] != "logits" or header.get("shape") != shape or header["nbytes"] != expected:
+            raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
+                                f"got {header['op']!r} {header.get('shape')!r}")
+        self.result.frames += 1
+        self.result.max_frame_secs = max(self.result.max_frame_secs, time.monotonic() - began)
+        return torch.frombuffer(payload, dtype=torch.float32).view(n, t, prepare.VOCAB_SIZE)
+
+
+def _compare(scored: torch.Tensor, copy: torch.Tensor, cut: int, window: int, tolerance: float) -> str | None:
+    """Why a window and its audit copy disagree where they may not, or None.
+
+    The copy holds the window's bytes before `cut` and another window's after it, in another
+    frame among other neighbours. Position t may only use inputs 0..t of its own row, so the
+    log-probs at positions before the cut must match. They are compared in absolute nats,
+    floored at LOGP_FLOOR: huge logits on bytes that never occur move no tolerance. A model
+    whose prediction at t moves with byte t+1 by less than the tolerance gains less than the
+    tolerance per byte from it.
+    """
+    a = F.log_softmax(scored[:cut].double(), dim=-1).clamp(min=LOGP_FLOOR)
+    b = F.log_softmax(copy[:cut].double(), dim=-1).clamp(min=LOGP_FLOOR)
+    moved = (a - b).abs().amax(dim=-1)
+    bad = (moved > tolerance).nonzero()
+    if not len(bad):
+        return None
+    i = int(bad[0])
+    kind, change = (("consistency", "sent again in another batch") if cut == scored.shape[0] else
+                    ("causality", f"sent again in another batch with only the bytes from position {cut} on replaced"))
+    return (f"{kind} audit failed: validation window {window}'s log-probs at position {i} moved by "
+            f"{float(moved[i]):.3g} nats (tolerance {tolerance:g}) when it was {change}; position t may use only "
+            "inputs 0..t of its own row (the model looks ahead, depends on other rows of its batch, or keeps state "
+            "between calls)")
 
 
 def load_val(data_dir) -> torch.Tensor:
@@ -264,4 +328,3 @@ def load_val(data_dir) -> torch.Tensor:
         raise FileNotFoundError(f"{path} is missing: run `pgolf-agent data` to build the corpus cache")
     with open(path, "rb") as f:
         return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
-

@@ -223,6 +223,11 @@ _handed_off = False
 
 
 def _hand_off(model, device: str) -> float:
+    """Freeze the model as bytes, hand them to the trusted evaluator, and wait for its number.
+
+    The `ready` frame stops the training clock; the evaluator scores the snapshot in a sandbox of its
+    own, so nothing this process does afterwards can change the number.
+    """
     global _handed_off
     rfd, wfd = (int(v) for v in os.environ[HANDOFF_ENV].split(","))
     if _handed_off:
@@ -232,17 +237,29 @@ def _hand_off(model, device: str) -> float:
             pass
         raise RuntimeError("evaluate_bpb may be called once per run")
     _handed_off = True
-    send_frame(wfd, {"op": "ready"})  # stops the training clock
-    model.eval()
-    while True:
-        header, payload = recv_frame(rfd)
-        if header["op"] == "done":
-            return float(header["val_bpb"])
-        n, t = header["shape"]
-        x = torch.frombuffer(bytearray(payload), dtype=torch.uint8).long().view(n, t)
-        try:
-            logits = logits_of(model, x.to(device)).contiguous()
-        except Exception as exc:  # reported to the evaluator, then raised here too
-            send_frame(wfd, {"op": "error", "message": f"{type(exc).__name__}: {exc}"})
-            raise
-        send_frame(wfd, {"op": "logits", "shape": list(logits.shape)}, logits.numpy().tobytes())
+    snapshot = _snapshot(model)
+    send_frame(wfd, {"op": "ready", "device": str(device)}, snapshot)
+    header, _ = recv_frame(rfd)
+    if header.get("op") != "done":
+        raise RuntimeError(f"unexpected answer from the evaluator: {header.get('op')!r}")
+    return float(header["val_bpb"])
+
+
+def _snapshot(model) -> bytes:
+    import cloudpickle
+
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: the module it compiled
+    if hasattr(model, "eval"):
+        model.eval()
+    here = os.path.realpath(os.getcwd())
+    for name, module in list(sys.modules.items()):  # helpers the script imported from its own folder
+        path = os.path.realpath(getattr(module, "__file__", None) or "/")
+        if name not in ("prepare", "subword", "__main__") and path.startswith(here + os.sep):
+            cloudpickle.register_pickle_by_value(module)
+    try:
+        return cloudpickle.dumps(model)
+    except Exception as exc:
+        raise RuntimeError(
+            f"evaluate_bpb could not freeze the model for the trusted evaluator ({type(exc).__name__}: {exc}); "
+            "the model must be picklable with cloudpickle: keep data loaders, generators, open files and "
+            "locks out of its attributes and of the globals its forward uses") from exc

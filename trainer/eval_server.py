@@ -1,0 +1,127 @@
+"""The evaluation sandbox's entry point: serves a frozen model's logits, one fresh process per frame.
+
+`python -I -S eval_server.py SPEC` confines itself (trainer/confine.py, not
+dumpable, so nothing it forks can read or patch it), imports torch and
+cloudpickle, and waits. The trusted evaluator then sends, over the pipes in
+SPEC ("request_fd", "reply_fd"; "pid_namespace": whether the sandbox has its own; "scratch_dir"):
+
+  snapshot  the model as the script handed it over (cloudpickle bytes), and its device
+  forward   uint8 windows [n, T]; answered with `logits` float32 [n, T, VOCAB] (or `error`)
+  end
+
+Every `forward` is served by a new child forked from this server, which has
+never run model code: the child loads the snapshot, computes the logits,
+sends them and exits; then the server kills whatever is left in the sandbox
+before it reads the next request. Nothing a child does -- memory, threads,
+processes -- reaches the next frame, and the sandbox has no writable file
+and no IPC: the logits of a frame are a function of its windows and the
+snapshot alone. (The one writable place, a small temporary folder that
+libraries expect, is emptied between frames.)
+
+The child's stdout and stderr are /dev/null: it holds validation windows, and
+nothing of them may reach a log the researcher reads.
+"""
+import json
+import os
+import signal
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    sys.path.insert(0, HERE)
+    from confine import confine, enable_site_packages
+    confine({**spec, "dumpable": False})
+    try:  # wait at the lowest priority: training runs beside this process until the hand-off
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass
+    enable_site_packages()
+    import cloudpickle
+    import torch
+    import torch._dynamo  # noqa: F401  (imported by the first optimizer a model makes: about 1 s per frame)
+
+    import prepare  # from HERE: the same fixed module the run imported, as pickles refer to it
+    rfd, wfd = spec["request_fd"], spec["reply_fd"]
+    own_pid_namespace = spec["pid_namespace"]
+    header, snapshot = prepare.recv_frame(rfd)
+    device = str(header.get("device") or "cpu")
+    try:
+        os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    except OSError:
+        pass
+    while True:
+        header, payload = prepare.recv_frame(rfd)
+        if header["op"] != "forward":
+            return
+        n, t = header["shape"]
+        child = os.fork()
+        if child == 0:
+            _serve_frame(rfd, wfd, snapshot, payload, n, t, device, cloudpickle, torch, prepare)
+        os.waitpid(child, 0)
+        _kill_the_rest(child, own_pid_namespace)
+        _empty(spec["scratch_dir"])
+
+
+def _serve_frame(rfd, wfd, snapshot, payload, n, t, device, cloudpickle, torch, prepare) -> None:
+    code = 1
+    try:
+        os.close(rfd)  # the next request is not this child's to read
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.setpgid(0, 0)
+        x = torch.frombuffer(bytearray(payload), dtype=torch.uint8).long().view(n, t)
+        try:
+            model = cloudpickle.loads(snapshot)
+            if hasattr(model, "eval"):
+                model.eval()
+            with torch.no_grad():
+                logits = prepare.logits_of(model, x.to(device)).contiguous()
+        except BaseException as exc:
+            prepare.send_frame(wfd, {"op": "error", "message": f"{type(exc).__name__}: {exc}"[:300]})
+        else:
+            prepare.send_frame(wfd, {"op": "logits", "shape": list(logits.shape)}, logits.numpy().tobytes())
+            code = 0
+    finally:
+        os._exit(code)
+
+
+def _kill_the_rest(child: int, own_pid_namespace: bool) -> None:
+    """Nothing a frame started may live on into the next one."""
+    if own_pid_namespace:
+        try:
+            os.kill(-1, signal.SIGKILL)  # every process of the sandbox but this one (and its init)
+        except ProcessLookupError:
+            pass
+    else:  # without the sandbox: the child's process group
+        try:
+            os.killpg(child, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                break
+        except ChildProcessError:
+            break
+
+
+def _empty(folder: str) -> None:
+    """The one writable folder (libraries want a temporary directory) starts every frame empty."""
+    import shutil
+    for name in os.listdir(folder):
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""A run's processes: finding every one of them, measuring them, freezing them and killing them all."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import psutil
+
+KILL_WAIT_SECS = 5.0  # how long to keep killing stragglers before reporting them
+
+
+class ProcessTree:
+    """Every process of one run.
+
+    Members are the leader's descendants plus every process seen in the tree
+    before (a double-forked orphan is re-parented away but stays tracked) and,
+    once a member has been seen in a PID namespace of its own, everything
+    else in that namespace.
+    """
+
+    def __init__(self, leader: int, marker: str = ""):
+        self.leader = leader
+        self.marker = marker  # an environment entry every process of the run inherits
+        self.seen: dict[int, psutil.Process] = {}
+        self.cpu: dict[tuple[int, float], float] = {}  # (pid, create_time) -> CPU seconds at its last sighting
+        self.own_ns = _pid_ns(os.getpid())
+        self.namespaces: set[int] = set()
+
+    def members(self) -> list[psutil.Process]:
+        found: dict[int, psutil.Process] = {}
+        roots = list(self.seen.values())
+        try:
+            roots.append(psutil.Process(self.leader))
+        except psutil.NoSuchProcess:
+            pass
+        for root in roots:
+            try:
+                if not root.is_running():
+                    continue
+                found[root.pid] = root
+                for child in root.children(recursive=True):
+                    found.setdefault(child.pid, child)
+            except psutil.NoSuchProcess:
+                continue
+        if self.namespaces:  # orphans that left the tree but not the run's namespace
+            for proc in psutil.process_iter():
+                if proc.pid not in found and _pid_ns(proc.pid) in self.namespaces:
+                    found[proc.pid] = proc
+        alive = []
+        for pid, proc in found.items():
+            try:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    continue
+                times = proc.cpu_times()
+                self.cpu[pid, proc.create_time()] = times.user + times.system
+            except psutil.NoSuchProcess:
+                continue
+            if pid not in self.seen:
+                self.seen[pid] = proc
+                ns = _pid_ns(pid)
+                if ns is not None and ns != self.own_ns:
+                    self.namespaces.add(ns)
+            alive.append(proc)
+        return alive
+
+    def cpu_secs(self) -> float:
+        """CPU time of the run's processes as last sampled (a watchdog period short at most)."""
+        return sum(self.cpu.values())
+
+    def signal_all(self, sig: int) -> None:
+        for proc in self.members():
+            try:
+                proc.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+
+    def marked(self) -> list[psutil.Process]:
+        """Processes carrying the run's marker: the ones that escaped the tree without a namespace."""
+        found = []
+        if self.marker:
+            key, _, value = self.marker.partition("=")
+            for proc in psutil.process_iter():
+                try:
+                    if proc.pid != os.getpid() and proc.environ().get(key) == value:
+                        found.append(proc)
+                except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    continue
+        return found
+
+    def kill_all(self, reap=lambda: None) -> list[int]:
+        """SIGKILL every process of the run until none is left; return the pids of any that survived.
+
+        `reap` collects the leader's exit status (its Popen's poll), so it does not linger as a zombie.
+        """
+        give_up = time.monotonic() + KILL_WAIT_SECS
+        while True:
+            victims = {p.pid: p for p in self.members() + self.marked()}.values()
+            for proc in victims:
+                try:
+                    proc.send_signal(signal.SIGKILL)
+                    proc.resume()  # a stopped process dies at once only when it runs again
+                except psutil.NoSuchProcess:
+                    pass
+            reap()
+            if not victims or time.monotonic() > give_up:
+                return [p.pid for p in victims]
+            time.sleep(0.05)
+
+
+def pss_bytes(procs: list[psutil.Process]) -> int:
+    """Proportional set size of the processes together: shared pages are counted once overall."""
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return total
+
+
+def task_count(procs: list[psutil.Process]) -> int:
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.num_threads()
+        except psutil.NoSuchProcess:
+            continue
+    return total
+
+
+def _pid_ns(pid: int) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/pid").st_ino
+    except OSError:
+        return None
