@@ -13,6 +13,7 @@ import pytest
 
 from budget.models import Budget, RunRequest, RunStatus, ServiceSettings
 from budget.service import TrainingService
+from trainer.evaluator import FRAME_ROWS
 
 pytestmark = pytest.mark.slow
 
@@ -125,27 +126,29 @@ print(evaluate_bpb(Memo(), 8))
 
 
 def test_the_evaluation_sandbox_keeps_nothing_between_frames(service, honest):
-    # Counts its calls in every place state could live; if any count ever passed 1, a frame saw another's work.
+    # Counts the rows it is shown in every place state could live; a process serves one frame, so a count
+    # past one frame's rows means a frame saw another's work.
     code = """
-import os, torch, torch.nn as nn
+import torch, torch.nn as nn
 from prepare import evaluate_bpb
-CALLS = [0]
+from trainer_limits import FRAME_ROWS
+SEEN = [0]
 class Counter(nn.Module):
     def forward(self, x):
-        CALLS[0] += 1
-        seen = CALLS[0]
+        SEEN[0] += x.shape[0]
+        seen = SEEN[0]
         for place in ("/tmp/n", "/dev/shm/n", "/pgolf/n", "n"):
             try:
                 with open(place, "a+") as f:
-                    f.seek(0); seen = max(seen, len(f.read()) + 1); f.write("x")
+                    f.seek(0); seen = max(seen, len(f.read()) + x.shape[0]); f.write("x" * x.shape[0])
             except OSError:
                 pass
-        if seen > 1:
-            raise RuntimeError(f"state survived: call {seen}")
+        if seen > FRAME_ROWS:
+            raise RuntimeError(f"state survived: {seen} rows seen")
         return torch.zeros(*x.shape, 256)
 print(evaluate_bpb(Counter(), 8))
-"""
-    result = submit(service, code, "count calls")
+""".replace("from trainer_limits import FRAME_ROWS", f"FRAME_ROWS = {FRAME_ROWS}")
+    result = submit(service, code, "count rows")
     assert result.verified and result.status == RunStatus.completed, result.reasons
     assert result.val_bpb == pytest.approx(8.0)  # uniform logits: exactly 8 bits per byte
 
@@ -209,23 +212,26 @@ print(json.dumps({"found": found, "stored": stored, "shm": shm}), file=sys.stder
 
 
 def test_training_inside_the_evaluation_is_on_the_clock(service, honest):
-    # The first forward call of each frame trains for 3 s on train text the model carries.
+    # The first forward call in each process trains for 3 s on train text the model carries.
     code = """
 import json, time, torch, torch.nn as nn
 from prepare import evaluate_bpb, make_dataloader
 x, y = next(make_dataloader(8, 64))
+TRAINED = []
 class Late(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(nn.Embedding(256, 32), nn.Linear(32, 256))
         self.x, self.y = x, y
     def forward(self, inp):
-        with torch.enable_grad():
-            opt = torch.optim.Adam(self.net.parameters(), 1e-2)
-            start = time.time()
-            while time.time() - start < 3:
-                loss = nn.functional.cross_entropy(self.net(self.x).reshape(-1, 256), self.y.reshape(-1))
-                opt.zero_grad(); loss.backward(); opt.step()
+        while not TRAINED:
+            TRAINED.append(1)
+            with torch.enable_grad():
+                opt = torch.optim.Adam(self.net.parameters(), 1e-2)
+                start = time.time()
+                while time.time() - start < 3:
+                    loss = nn.functional.cross_entropy(self.net(self.x).reshape(-1, 256), self.y.reshape(-1))
+                    opt.zero_grad(); loss.backward(); opt.step()
         return self.net(inp)
 print(json.dumps({"val_bpb": evaluate_bpb(Late(), 8)}))
 """

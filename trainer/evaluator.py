@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from trainer import prepare
 
-FRAME_ROWS = 64            # windows per frame: the evaluator's, never the script's B
+FRAME_ROWS = 128           # windows per frame: the evaluator's, never the script's B
 AUDIT_WINDOWS = 128        # windows sent a second time with their suffix replaced (a quarter of the 512)
 # Allowed change of a log-probability between a window and its audit copy, in nats, before the first
 # replaced byte. The same frozen model in a fresh process gives bit-identical float32 logits on a CPU
@@ -51,6 +51,7 @@ AUDIT_WINDOWS = 128        # windows sent a second time with their suffix replac
 TOLERANCE_NATS = {"cpu": 1e-3, "cuda": 2e-2}
 LOGP_FLOOR = -30.0         # log-probs below this are compared as this: a byte that improbable costs 43 bits
 MAX_HEADER_BYTES = 64 * 1024
+PIPE_BYTES = 1 << 20       # the default maximum an unprivileged process may ask for
 POLL_SECS = 0.2            # how often a blocked read or write checks for stop and the deadline
 
 
@@ -82,6 +83,10 @@ class FramePipe:
         self.rfd, self.wfd = read_fd, write_fd
         for fd in (read_fd, write_fd):  # a stalled peer must never block us past the deadline
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            try:  # a frame of logits is 16 MiB: fewer, larger transfers
+                fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+            except OSError:
+                pass
         self.deadline, self.stop, self.peer = deadline, stop, peer
 
     def close(self) -> None:
@@ -91,7 +96,8 @@ class FramePipe:
             except OSError:
                 pass
 
-    def send(self, header: dict, payload: bytes = b"") -> None:
+    def send(self, header: dict, payload=b"") -> None:
+        payload = memoryview(payload).cast("B")
         head = json.dumps({**header, "nbytes": len(payload)}).encode()
         for part in (struct.pack(">I", len(head)) + head, payload):
             view = memoryview(part)
@@ -202,6 +208,8 @@ class TrustedEvaluator:
         self.training.stop.set()
 
     def run(self) -> None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # scoring on one core leaves the others to the frame computing meanwhile
         try:
             self._serve()
         except ProtocolError as exc:
@@ -211,6 +219,7 @@ class TrustedEvaluator:
         except Exception as exc:  # a bug here must surface in the result, not vanish with the thread
             self.result.reasons.append(f"trusted evaluator failed: {type(exc).__name__}: {exc}")
         finally:
+            torch.set_num_threads(threads)
             self.training.close()  # tells a script still waiting on us that no answer is coming
 
     def _serve(self) -> None:
@@ -230,7 +239,9 @@ class TrustedEvaluator:
         self.result.ready_at = time.monotonic()
         self.freeze()
         try:
-            val_bpb = self._evaluate(bytes(snapshot), str(header.get("device", "cpu"))[:64])
+            batch = header.get("batch")  # the script's B: how many rows the model gets per call, as in-process
+            batch = min(max(batch, 1), FRAME_ROWS) if isinstance(batch, int) else FRAME_ROWS
+            val_bpb = self._evaluate(bytes(snapshot), str(header.get("device", "cpu"))[:64], batch)
         finally:
             self.result.done_at = time.monotonic()
             self.stop_server()
@@ -250,14 +261,15 @@ class TrustedEvaluator:
             self.result.reasons.append(f"evaluation protocol violated: unexpected {again[0]['op']!r} "
                                        "after the evaluation")
 
-    def _evaluate(self, snapshot: bytes, device: str) -> float | None:
+    def _evaluate(self, snapshot: bytes, device: str, batch: int) -> float | None:
         server = self.start_server()
-        server.send({"op": "snapshot", "device": device}, snapshot)
+        server.send({"op": "snapshot", "device": device, "batch": batch}, snapshot)
         nats, pending = 0.0, {}
-        for frame in self.frames:
-            x = torch.stack([self.x[r.window] if r.cut is None else
-                             torch.cat([self.x[r.window][:r.cut], self.x[r.donor][r.cut:]]) for r in frame])
-            logits = self._forward(server, x)
+        self._request(server, self.frames[0])
+        for k, frame in enumerate(self.frames):
+            logits = self._receive(server, frame)
+            if k + 1 < len(self.frames):  # the next frame computes while this one is scored
+                self._request(server, self.frames[k + 1])
             if not torch.isfinite(logits).all():
                 self.result.reasons.append(
                     "the model returned NaN or inf logits on the validation windows, so there is no val_bpb "
@@ -279,10 +291,14 @@ class TrustedEvaluator:
         self.result.val_bpb = prepare.bpb(nats, self.y.numel())
         return self.result.val_bpb
 
-    def _forward(self, server: FramePipe, x: torch.Tensor) -> torch.Tensor:
-        n, t = x.shape
-        began = time.monotonic()
-        server.send({"op": "forward", "shape": [n, t]}, x.to(torch.uint8).numpy().tobytes())
+    def _request(self, server: FramePipe, frame: list[Row]) -> None:
+        x = torch.stack([self.x[r.window] if r.cut is None else
+                         torch.cat([self.x[r.window][:r.cut], self.x[r.donor][r.cut:]]) for r in frame])
+        self._sent_at = time.monotonic()
+        server.send({"op": "forward", "shape": list(x.shape)}, x.to(torch.uint8).numpy())
+
+    def _receive(self, server: FramePipe, frame: list[Row]) -> torch.Tensor:
+        n, t = len(frame), self.x.shape[1]
         expected = n * t * prepare.VOCAB_SIZE * 4
         header, payload = server.recv(max_payload=expected)
         if header["op"] == "error":
@@ -292,7 +308,7 @@ class TrustedEvaluator:
             raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
                                 f"got {header['op']!r} {header.get('shape')!r}")
         self.result.frames += 1
-        self.result.max_frame_secs = max(self.result.max_frame_secs, time.monotonic() - began)
+        self.result.max_frame_secs = max(self.result.max_frame_secs, time.monotonic() - self._sent_at)
         return torch.frombuffer(payload, dtype=torch.float32).view(n, t, prepare.VOCAB_SIZE)
 
 

@@ -176,7 +176,7 @@ def bpb(total_nats: float, n_bytes: int) -> float:
 def evaluate_bpb(model, B: int, device: str = "cpu") -> float:
     """Bits per byte on the fixed val windows; B only sets the chunk size."""
     if os.environ.get(HANDOFF_ENV):
-        return _hand_off(model, device)
+        return _hand_off(model, B, device)
     x, y = eval_windows(load_split("val"))
     was_training = getattr(model, "training", False)
     model.eval()
@@ -194,12 +194,13 @@ def evaluate_bpb(model, B: int, device: str = "cpu") -> float:
 # ---------------------------------------------------------------------------
 # Frames: 4-byte big-endian header length, a JSON header, then `nbytes` raw bytes.
 
-def send_frame(fd: int, header: dict, payload: bytes = b"") -> None:
+def send_frame(fd: int, header: dict, payload=b"") -> None:
+    """payload: bytes or any contiguous buffer (a numpy array is sent without a copy)."""
+    payload = memoryview(payload).cast("B")
     head = json.dumps({**header, "nbytes": len(payload)}).encode()
-    data = struct.pack(">I", len(head)) + head + payload
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    for view in (memoryview(struct.pack(">I", len(head)) + head), payload):
+        while view:
+            view = view[os.write(fd, view):]
 
 
 def _read_exact(fd: int, n: int) -> bytes:
@@ -222,7 +223,7 @@ def recv_frame(fd: int) -> tuple[dict, bytes]:
 _handed_off = False
 
 
-def _hand_off(model, device: str) -> float:
+def _hand_off(model, B: int, device: str) -> float:
     """Freeze the model as bytes, hand them to the trusted evaluator, and wait for its number.
 
     The `ready` frame stops the training clock; the evaluator scores the snapshot in a sandbox of its
@@ -238,7 +239,7 @@ def _hand_off(model, device: str) -> float:
         raise RuntimeError("evaluate_bpb may be called once per run")
     _handed_off = True
     snapshot = _snapshot(model)
-    send_frame(wfd, {"op": "ready", "device": str(device)}, snapshot)
+    send_frame(wfd, {"op": "ready", "device": str(device), "batch": B}, snapshot)
     header, _ = recv_frame(rfd)
     if header.get("op") != "done":
         raise RuntimeError(f"unexpected answer from the evaluator: {header.get('op')!r}")
