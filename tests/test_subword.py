@@ -174,9 +174,44 @@ def test_evaluate_subword_bpb_does_not_depend_on_B(tok):
 
 
 @pytest.mark.slow
-def test_evaluate_subword_bpb_errors(tok, monkeypatch):
+def test_evaluate_subword_bpb_errors(tok):
     with pytest.raises(ValueError, match=rf"expected \(\d+, {prepare.MAX_SEQ_LEN}, {VOCAB}\)"):
         subword.evaluate_subword_bpb(Uniform(prepare.VOCAB_SIZE), tok, 8)  # a byte-level model
-    monkeypatch.setenv(prepare.HANDOFF_ENV, "3,4")  # inside a harness run
-    with pytest.raises(RuntimeError, match="cannot score inside a harness run"):
-        subword.evaluate_subword_bpb(Uniform(VOCAB), tok, 8)
+
+
+SUBWORD_RUN = """
+import json, torch, torch.nn as nn
+from subword import evaluate_subword_bpb, get_subword_tokenizer, make_subword_dataloader
+
+def train(tok):
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    model = nn.Sequential(nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB))
+    opt = torch.optim.Adam(model.parameters(), 1e-2)
+    loader = make_subword_dataloader(tok, 8, 64)
+    for _ in range(30):
+        x, y = next(loader)
+        loss = nn.functional.cross_entropy(model(x).reshape(-1, VOCAB), y.reshape(-1))
+        opt.zero_grad(); loss.backward(); opt.step()
+    return model
+
+if __name__ == "__main__":
+    tok = get_subword_tokenizer(VOCAB, "MODEL_TYPE")
+    print(json.dumps({"val_bpb": evaluate_subword_bpb(train(tok), tok, 8)}))
+"""
+
+
+@pytest.mark.slow
+def test_a_subword_model_is_verified_by_the_trusted_evaluator(tok, corpus, tmp_path, monkeypatch):
+    from trainer.sandbox import execute_run
+
+    code = SUBWORD_RUN.replace("VOCAB", str(VOCAB)).replace("MODEL_TYPE", model_type(tok))
+    monkeypatch.setenv(subword.CACHE_ENV, str(tok.path.parent))  # the harness builds (here: finds) its own copy
+    result = execute_run(1, code, tmp_path / "run", data_dir=corpus.directory, time_budget=60, timeout=120)
+    assert result.verified and result.status == "completed", result.reasons
+    space: dict = {"__name__": "in_process", "make_subword_dataloader": subword.make_subword_dataloader}
+    exec(code.split("if __name__")[0].replace("from subword import", "from trainer.subword import"), space)
+    torch.set_num_threads(1)
+    in_process = subword.evaluate_subword_bpb(space["train"](tok), tok, 8)
+    assert result.val_bpb == pytest.approx(in_process, abs=1e-5)
+    assert result.val_bpb < subword.evaluate_subword_bpb(Uniform(VOCAB), tok, 8) - 0.3  # trained: under uniform

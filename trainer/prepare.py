@@ -223,11 +223,12 @@ def recv_frame(fd: int) -> tuple[dict, bytes]:
 _handed_off = False
 
 
-def _hand_off(model, B: int, device: str) -> float:
+def _hand_off(model, B: int, device: str, tokenizer: dict | None = None) -> float:
     """Freeze the model as bytes, hand them to the trusted evaluator, and wait for its number.
 
     The `ready` frame stops the training clock; the evaluator scores the snapshot in a sandbox of its
-    own, so nothing this process does afterwards can change the number.
+    own, so nothing this process does afterwards can change the number. `tokenizer` (from
+    subword.py) names the subword tokenizer the model reads; the evaluator builds its own copy.
     """
     global _handed_off
     rfd, wfd = (int(v) for v in os.environ[HANDOFF_ENV].split(","))
@@ -239,7 +240,7 @@ def _hand_off(model, B: int, device: str) -> float:
         raise RuntimeError("evaluate_bpb may be called once per run")
     _handed_off = True
     snapshot = _snapshot(model)
-    send_frame(wfd, {"op": "ready", "device": str(device), "batch": B}, snapshot)
+    send_frame(wfd, {"op": "ready", "device": str(device), "batch": B, "tokenizer": tokenizer}, snapshot)
     header, _ = recv_frame(rfd)
     if header.get("op") != "done":
         raise RuntimeError(f"unexpected answer from the evaluator: {header.get('op')!r}")

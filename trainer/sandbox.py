@@ -188,7 +188,8 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
             trees["train"].signal_all(signal.SIGCONT)
 
         evaluator = TrustedEvaluator(
-            val, FramePipe(from_child_r, to_child_w, deadline, stop, "script"), start_server=lambda: server_pipe,
+            val, train_bin.read_bytes, FramePipe(from_child_r, to_child_w, deadline, stop, "script"),
+            start_server=lambda: server_pipe,
             freeze=freeze, thaw=thaw,
             stop_server=lambda: (trees["server"].kill_all(procs["server"].poll), server_pipe.close()),
             seed=secrets.randbits(63), device_kind="cuda" if gpus else "cpu", max_snapshot_bytes=memory_mb << 20)

@@ -29,14 +29,12 @@ Every character outside the vocabulary is encoded as its bytes, as are U+2581
 `token_bytes[encode(b)].sum() == len(b)` for any bytes b, and
 `decode(encode(s)) == s` for any Unicode text s.
 
-Scoring: the harness's trusted evaluator currently scores byte-level models
-only (it sends byte windows and expects logits over 256 bytes). A subword
-model's number is therefore computed in-process by `evaluate_subword_bpb`,
-over the same val bytes `prepare.evaluate_bpb` scores, and it is unverified
-until the evaluator learns tokenized windows. Inside a harness run even that
-is impossible, because the run holds train.bin only, never val: there
-`evaluate_subword_bpb` raises an error saying so, and the run ends without a
-score. Outside the harness (tests, local experiments with the corpus cache)
+Scoring: `evaluate_subword_bpb` scores the same val bytes `prepare.evaluate_bpb`
+scores, tokenized, exactly in bits per byte. Inside a harness run it is a
+hand-off like `evaluate_bpb`: the trusted evaluator builds the same tokenizer
+itself (from the settings and checked by the model file's SHA-256), sends
+token windows and scores the logits over the vocabulary, under the same
+audits. Outside the harness (tests, local experiments with the corpus cache)
 it returns the in-process number.
 """
 from __future__ import annotations
@@ -90,9 +88,14 @@ _AS_BYTES = re.compile("([\udc80-\udcff\u2581]+)")
 class SubwordTokenizer:
     """A SentencePiece model with a reserved BOS id and exact per-id byte counts."""
 
-    def __init__(self, model_proto: bytes, path: Path | None = None):
+    def __init__(self, model_proto: bytes, path: Path | None = None, vocab_size: int | None = None,
+                 model_type: str | None = None):
         self.model_proto = model_proto
         self.path = path  # the cache file, if the model was cached
+        # what get_subword_tokenizer was asked for: the trusted evaluator builds the same from these
+        self.settings = {"vocab_size": vocab_size, "model_type": model_type,
+                         "sha256": hashlib.sha256(model_proto).hexdigest()}
+        self.sha256 = self.settings["sha256"]
         self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
         self.vocab_size = self._sp.get_piece_size()
         self.bos_token_id = self._sp.bos_id()
@@ -137,13 +140,13 @@ class SubwordTokenizer:
         return self._splits[split]
 
 
-def get_subword_tokenizer(vocab_size: int, model_type: str = "unigram") -> SubwordTokenizer:
-    """A SentencePiece tokenizer trained on the train split, from the cache when it is there."""
+def get_subword_tokenizer(vocab_size: int, model_type: str = "unigram", *, train: bytes | None = None) -> SubwordTokenizer:
+    """A SentencePiece tokenizer trained on the train split (or `train`), from the cache when it is there."""
     if model_type not in MODEL_TYPES:
         raise ValueError(f"model_type={model_type!r} is not supported: use one of {MODEL_TYPES}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int):
         raise ValueError(f"vocab_size={vocab_size!r} must be an integer")
-    train = prepare.load_split("train").numpy().tobytes()
+    train = prepare.load_split("train").numpy().tobytes() if train is None else train
     text = train.decode("utf-8", "ignore")  # a character cut at the split edge cannot train anything
     n_chars = len(set(text) - {"\n"})
     smallest = 2 + N_BYTE_PIECES + n_chars  # UNK, BOS, the byte pieces and one piece per character
@@ -155,7 +158,7 @@ def get_subword_tokenizer(vocab_size: int, model_type: str = "unigram") -> Subwo
     path = folder / model_file_name(options, train)
     if path.is_file():
         try:
-            return SubwordTokenizer(path.read_bytes(), path)
+            return SubwordTokenizer(path.read_bytes(), path, vocab_size, model_type)
         except (OSError, RuntimeError) as exc:
             print(f"subword: cached model {path} is unreadable ({exc}); training it again", file=sys.stderr)
     model = _train(text, options)
@@ -165,7 +168,7 @@ def get_subword_tokenizer(vocab_size: int, model_type: str = "unigram") -> Subwo
         print(f"subword: could not cache the model in {folder} ({exc}); set {CACHE_ENV} to a writable folder",
               file=sys.stderr)
         path = None
-    return SubwordTokenizer(model, path)
+    return SubwordTokenizer(model, path, vocab_size, model_type)
 
 
 def model_file_name(options: dict, train: bytes) -> str:
@@ -251,12 +254,8 @@ def subword_eval_windows(tok: SubwordTokenizer, val: torch.Tensor) -> tuple[torc
 @torch.no_grad()
 def evaluate_subword_bpb(model, tok: SubwordTokenizer, B: int, device: str = "cpu") -> float:
     """Bits per byte on the fixed val span, computed in-process; B only sets the chunk size."""
-    if os.environ.get(prepare.HANDOFF_ENV):
-        raise RuntimeError(
-            "evaluate_subword_bpb cannot score inside a harness run: the run holds train.bin only, and the "
-            "trusted evaluator scores byte-level models only, so subword runs stay unscored until it learns "
-            "tokenized windows. Score a subword model outside the harness, or use prepare.evaluate_bpb with "
-            "a byte-level model")
+    if os.environ.get(prepare.HANDOFF_ENV):  # in a harness run: the trusted evaluator scores it
+        return prepare._hand_off(model, B, device, tokenizer=tok.settings)
     x, y, mask = subword_eval_windows(tok, prepare.load_split("val"))
     was_training = getattr(model, "training", False)
     model.eval()

@@ -1,4 +1,4 @@
-"""Files the harness reads or writes in a run's folder, which code it does not trust has written to.
+"""Files the harness reads or writes, above all in a run's folder, where code it does not trust writes too.
 
 Every helper here refuses to follow a link the run planted, and every read is bounded.
 """
@@ -15,13 +15,15 @@ RECORDED_OUTPUTS = ("train.py", "stdout.log", "stderr.log", "result.json")
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:
-    """Replace the file itself (never what a planted link points to), all at once."""
+    """Replace the file itself (never what a planted link points to), all at once, on disk before it returns."""
     path = Path(path)
     clear(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
