@@ -1,5 +1,7 @@
 import logging
 import os
+import subprocess
+from pathlib import Path
 
 import pytest
 import ray
@@ -20,3 +22,19 @@ def local_ray():
              log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture
+def small_disk(tmp_path, request) -> Path:
+    """A size-limited tmpfs of its own (the module's SMALL_DISK_MIB, else 16 MiB) to fill for real."""
+    mib = getattr(request.module, "SMALL_DISK_MIB", 16)
+    if os.geteuid() != 0:
+        pytest.skip("filling a real disk needs a size-limited tmpfs, and mounting one needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a {mib} MiB tmpfs on {disk}: {mounted.stderr.strip() or mounted.returncode}")
+    request.addfinalizer(lambda: subprocess.run(["umount", "--lazy", str(disk)], check=False))
+    return disk

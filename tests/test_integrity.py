@@ -212,9 +212,10 @@ print(json.dumps({"found": found, "stored": stored, "shm": shm}), file=sys.stder
 
 
 def test_training_inside_the_evaluation_is_on_the_clock(service, honest):
-    # The first forward call in each process trains for 3 s on train text the model carries.
+    # The first forward call in each process trains 6000 steps (about 3 s) on train text the model carries,
+    # the same steps every time, so every frame gives the same logits: only the clock can catch it.
     code = """
-import json, time, torch, torch.nn as nn
+import json, torch, torch.nn as nn
 from prepare import evaluate_bpb, make_dataloader
 x, y = next(make_dataloader(8, 64))
 TRAINED = []
@@ -227,15 +228,16 @@ class Late(nn.Module):
         while not TRAINED:
             TRAINED.append(1)
             with torch.enable_grad():
+                torch.manual_seed(0)
                 opt = torch.optim.Adam(self.net.parameters(), 1e-2)
-                start = time.time()
-                while time.time() - start < 3:
+                for _ in range(6000):
                     loss = nn.functional.cross_entropy(self.net(self.x).reshape(-1, 256), self.y.reshape(-1))
                     opt.zero_grad(); loss.backward(); opt.step()
         return self.net(inp)
 print(json.dumps({"val_bpb": evaluate_bpb(Late(), 8)}))
 """
-    unverified(submit(service, code, "train in forward"), "training clock exceeded", "slowest evaluation frame")
+    text = unverified(submit(service, code, "train in forward"), "training clock exceeded", "slowest evaluation frame")
+    assert "audit" not in text  # the frames agree: it is the clock that stops it
 
 
 def test_time_past_the_budget_is_not_a_grace_to_spend(service, honest):

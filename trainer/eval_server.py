@@ -3,13 +3,18 @@
 `python -I -S eval_server.py SPEC` confines itself (trainer/confine.py, not
 dumpable, so nothing it forks can read or patch it), imports torch and
 cloudpickle, and waits. The trusted evaluator then sends, over the pipes in
-SPEC ("request_fd", "reply_fd"; "pid_namespace": whether the sandbox has its own; "scratch_dir"):
+SPEC ("request_fd", "reply_fd", "report_fd"; "pid_namespace": whether the sandbox has its own;
+"scratch_dir"):
 
   snapshot  the model as the script handed it over (cloudpickle bytes), its device, its vocabulary
             size, and the batch size the script passed (a frame reaches the model in calls of that many rows)
   forward   windows [n, T] of ids (uint8 bytes, or int32 subword ids); answered with `logits`
             float32 [n, T, vocab] (or `error`)
   end
+
+and, on a third pipe that only the server holds ("report_fd"), reports after every frame the CPU
+time the frame's processes used (`frame` with "cpu_secs"): a frame could train the snapshot before
+it answers, so that time counts on the run's training clock.
 
 Every `forward` is served by a new child forked from this server, which has
 never run model code: the child loads the snapshot, computes the logits,
@@ -23,12 +28,15 @@ libraries expect, is emptied between frames.)
 The child's stdout and stderr are /dev/null: it holds validation windows, and
 nothing of them may reach a log the researcher reads.
 """
+import ctypes
 import json
 import os
+import resource
 import signal
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def main() -> None:
@@ -42,8 +50,11 @@ def main() -> None:
     import torch._dynamo  # noqa: F401  (imported by the first optimizer a model makes: about 1 s per frame)
 
     import prepare  # from HERE: the same fixed module the run imported, as pickles refer to it
-    rfd, wfd = spec["request_fd"], spec["reply_fd"]
+    rfd, wfd, report_fd = spec["request_fd"], spec["reply_fd"], spec["report_fd"]
     own_pid_namespace = spec["pid_namespace"]
+    # Orphans of a frame become this process's children, so their CPU time is counted when reaped
+    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    spent = _children_cpu()
     header, snapshot = prepare.recv_frame(rfd)
     device, batch = str(header.get("device") or "cpu"), int(header.get("batch") or 1)
     vocab = int(header.get("vocab") or prepare.VOCAB_SIZE)
@@ -55,10 +66,13 @@ def main() -> None:
         dtype = getattr(torch, header.get("dtype", "uint8"))
         child = os.fork()
         if child == 0:
+            os.close(report_fd)  # the frame's report is this server's to write, never the child's
             _serve_frame(rfd, wfd, snapshot, payload, (n, t, dtype, vocab, batch), device, cloudpickle, torch, prepare)
         os.waitpid(child, 0)
         _kill_the_rest(child, own_pid_namespace)
         _empty(spec["scratch_dir"])
+        before, spent = spent, _children_cpu()
+        prepare.send_frame(report_fd, {"op": "frame", "cpu_secs": spent - before})
 
 
 def _serve_frame(rfd, wfd, snapshot, payload, frame, device, cloudpickle, torch, prepare) -> None:
@@ -84,6 +98,11 @@ def _serve_frame(rfd, wfd, snapshot, payload, frame, device, cloudpickle, torch,
             code = 0
     finally:
         os._exit(code)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _kill_the_rest(child: int, own_pid_namespace: bool) -> None:

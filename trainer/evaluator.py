@@ -19,8 +19,9 @@ This side decides everything that matters for the number:
   its original;
 - the loss: `prepare.sum_nats` over our own log-softmax of the returned logits;
 - the audit (see `_compare`), with tolerances the harness sets, not the model;
-- how long the slowest frame took: a frame could train the snapshot before answering, so the
-  runner counts it on the training clock.
+- what the costliest frame took (the smaller of its processes' CPU time and its wall clock; wall
+  clock on a GPU): a frame could train the snapshot before answering, so the runner counts it on
+  the clock.
 
 Frames are served by processes that cannot keep state from one frame to the
 next, so a model cannot recognise a window it has seen, remember what it
@@ -74,7 +75,7 @@ class Evaluation:
     ready_at: float | None = None    # time.monotonic() of `ready`: the training clock stops
     val_bpb: float | None = None     # set only when every window was scored with finite logits and audited
     done_at: float | None = None     # time.monotonic() when the number was known
-    max_frame_secs: float = 0.0      # the slowest frame, from request to the last byte of its logits
+    max_frame_secs: float = 0.0      # the costliest frame: the smaller of its CPU and wall seconds (wall on a GPU)
     frames: int = 0
     reasons: list[str] = field(default_factory=list)  # why the number cannot be trusted
 
@@ -82,9 +83,12 @@ class Evaluation:
 class FramePipe:
     """Bounded frame I/O over a pair of non-blocking pipe fds that this object owns."""
 
-    def __init__(self, read_fd: int, write_fd: int, deadline: float, stop: threading.Event, peer: str):
+    def __init__(self, read_fd: int, write_fd: int, deadline: float, stop: threading.Event, peer: str,
+                 report_fd: int | None = None):
         self.rfd, self.wfd = read_fd, write_fd
-        for fd in (read_fd, write_fd):  # a stalled peer must never block us past the deadline
+        self.report = report_fd  # the evaluation server's own reports, which no frame can write to
+        # a stalled peer must never block us past the deadline
+        for fd in (read_fd, write_fd) + ((report_fd,) if report_fd is not None else ()):
             fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
             try:  # a frame of logits is 16 MiB: fewer, larger transfers
                 fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
@@ -93,7 +97,9 @@ class FramePipe:
         self.deadline, self.stop, self.peer = deadline, stop, peer
 
     def close(self) -> None:
-        for fd in (self.rfd, self.wfd):
+        for fd in (self.rfd, self.wfd, self.report):
+            if fd is None:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -113,8 +119,10 @@ class FramePipe:
                 except BrokenPipeError:
                     raise Stopped from None  # the peer is gone; the runner reports why
 
-    def recv(self, *, max_payload: int = 0, eof_ok: bool = False) -> tuple[dict, bytearray] | None:
-        raw = self._read_exact(4, eof_ok=eof_ok)
+    def recv(self, *, max_payload: int = 0, eof_ok: bool = False,
+             report: bool = False) -> tuple[dict, bytearray] | None:
+        fd = self.report if report else self.rfd
+        raw = self._read_exact(4, eof_ok=eof_ok, fd=fd)
         if raw is None:
             return None
         (size,) = struct.unpack(">I", raw)
@@ -122,7 +130,7 @@ class FramePipe:
             raise ProtocolError(f"evaluation protocol violated: a {size}-byte frame header from the "
                                 f"{self.peer} (the limit is {MAX_HEADER_BYTES})")
         try:
-            header = json.loads(bytes(self._read_exact(size)))
+            header = json.loads(bytes(self._read_exact(size, fd=fd)))
         except ValueError:
             raise ProtocolError(f"evaluation protocol violated: a frame header from the {self.peer} "
                                 "is not JSON") from None
@@ -130,15 +138,16 @@ class FramePipe:
                 and isinstance(header.get("nbytes"), int) and 0 <= header["nbytes"] <= max_payload):
             raise ProtocolError(f"evaluation protocol violated: bad frame header from the {self.peer}: "
                                 f"{str(header)[:200]}")
-        return header, self._read_exact(header["nbytes"])
+        return header, self._read_exact(header["nbytes"], fd=fd)
 
-    def _read_exact(self, n: int, *, eof_ok: bool = False) -> bytearray | None:
+    def _read_exact(self, n: int, *, eof_ok: bool = False, fd: int | None = None) -> bytearray | None:
+        fd = self.rfd if fd is None else fd
         buf = bytearray(n)
         view, got = memoryview(buf), 0
         while got < n:
-            self._wait(self.rfd, select.POLLIN)
+            self._wait(fd, select.POLLIN)
             try:
-                k = os.readv(self.rfd, [view[got:]])
+                k = os.readv(fd, [view[got:]])
             except BlockingIOError:
                 continue
             if k == 0:
@@ -230,12 +239,12 @@ class TrustedEvaluator:
 
     def __init__(self, val: torch.Tensor, train: Callable[[], bytes], training: FramePipe, *,
                  start_server: Callable[[], FramePipe], freeze: Callable[[], None], thaw: Callable[[], None],
-                 stop_server: Callable[[], None], seed: int, device_kind: str = "cpu",
-                 max_snapshot_bytes: int = 1 << 30):
+                 stop_server: Callable[[], None], seed: int, gpu: bool = False, max_snapshot_bytes: int = 1 << 30):
         self.val, self.train = val, train
         self.training = training
         self.start_server, self.freeze, self.thaw, self.stop_server = start_server, freeze, thaw, stop_server
-        self.tolerance = TOLERANCE_NATS[device_kind]
+        self.cpu_run = not gpu
+        self.tolerance = TOLERANCE_NATS["cuda" if gpu else "cpu"]
         self.max_snapshot_bytes = max_snapshot_bytes
         self.seed = seed
         self.result = Evaluation()
@@ -354,8 +363,16 @@ class TrustedEvaluator:
         if header["op"] != "logits" or header.get("shape") != shape or header["nbytes"] != expected:
             raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
                                 f"got {header['op']!r} {header.get('shape')!r}")
+        wall = time.monotonic() - self._sent_at
+        report, _ = server.recv(report=True)
+        cpu = report.get("cpu_secs")
+        if report["op"] != "frame" or not isinstance(cpu, (int, float)):
+            raise ProtocolError(f"evaluation server: unexpected report {str(report)[:200]}")
+        # The time a frame could have spent training: a busy machine stretches its wall clock but not its CPU
+        # time, threads multiply its CPU time but not its wall clock, so the smaller of the two. (A GPU
+        # works while its CPU thread waits: wall clock there.)
         self.result.frames += 1
-        self.result.max_frame_secs = max(self.result.max_frame_secs, time.monotonic() - self._sent_at)
+        self.result.max_frame_secs = max(self.result.max_frame_secs, min(wall, cpu) if self.cpu_run else wall)
         return torch.frombuffer(payload, dtype=torch.float32).view(n, t, w.vocab)
 
 

@@ -140,9 +140,11 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
         train_env["TORCH_SEED"] = str(seed)
     request_r, request_w = os.pipe()
     reply_r, reply_w = os.pipe()
+    report_r, report_w = os.pipe()
     server_scratch = "/tmp" if bwrap else str(scratch / "eval")
     server_spec = {**confine, "limits": {**confine["limits"], "RLIMIT_FSIZE": EVAL_SCRATCH_MB << 20},
-                   "keep_fds": [request_r, reply_w], "request_fd": request_r, "reply_fd": reply_w,
+                   "keep_fds": [request_r, reply_w, report_w], "request_fd": request_r, "reply_fd": reply_w,
+                   "report_fd": report_w,
                    "pid_namespace": bwrap is not None, "scratch_dir": server_scratch}
     server_cmd = [sys.executable, "-I", "-S", f"{home}/eval_server.py", json.dumps(server_spec)]
     if bwrap:
@@ -164,7 +166,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
             procs["server"] = subprocess.Popen(
                 server_cmd, cwd="/", env={**env, **_marker_env(markers["server"]), **EVAL_MALLOC,
                                            "HOME": server_scratch, "TMPDIR": server_scratch}, stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(request_r, reply_w),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(request_r, reply_w, report_w),
                 start_new_session=True)
             trees["server"] = ProcessTree(procs["server"].pid, markers["server"])
             procs["train"] = subprocess.Popen(
@@ -172,9 +174,9 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
                 pass_fds=(to_child_r, from_child_w), start_new_session=True)
             trees["train"] = ProcessTree(procs["train"].pid, markers["train"])
         finally:  # the children hold their own copies; ours must go so their exit reads as end-of-file
-            for fd in (to_child_r, from_child_w, request_r, reply_w):
+            for fd in (to_child_r, from_child_w, request_r, reply_w, report_w):
                 os.close(fd)
-        server_pipe = FramePipe(reply_r, request_w, deadline, stop, "evaluation sandbox")
+        server_pipe = FramePipe(reply_r, request_w, deadline, stop, "evaluation sandbox", report_fd=report_r)
 
         frozen = threading.Event()  # the training processes are stopped: nothing of theirs can grow
 
@@ -192,7 +194,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
             start_server=lambda: server_pipe,
             freeze=freeze, thaw=thaw,
             stop_server=lambda: (trees["server"].kill_all(procs["server"].poll), server_pipe.close()),
-            seed=secrets.randbits(63), device_kind="cuda" if gpus else "cpu", max_snapshot_bytes=memory_mb << 20)
+            seed=secrets.randbits(63), gpu=gpus > 0, max_snapshot_bytes=memory_mb << 20)
         thread = threading.Thread(target=evaluator.run, name=f"pgolf-eval-{run_id}", daemon=True)
         thread.start()
         stopped = _supervise(procs["train"], trees, frozen, run_dir, scratch, deadline, timeout, cancel_event,
