@@ -28,29 +28,27 @@ class ProcessTree:
         self.namespaces: set[int] = set()
 
     def members(self) -> list[psutil.Process]:
-        found: dict[int, psutil.Process] = {}
-        roots = list(self.seen.values())
-        try:
-            roots.append(psutil.Process(self.leader))
-        except psutil.NoSuchProcess:
-            pass
-        for root in roots:
-            try:
-                if not root.is_running():
-                    continue
-                found[root.pid] = root
-                for child in root.children(recursive=True):
-                    found.setdefault(child.pid, child)
-            except psutil.NoSuchProcess:
-                continue
-        if self.namespaces:  # orphans that left the tree but not the run's namespace
-            for proc in psutil.process_iter():
-                if proc.pid not in found and _pid_ns(proc.pid) in self.namespaces:
-                    found[proc.pid] = proc
+        """The run's live processes: the leader's descendants and every process seen among them before.
+
+        One pass over /proc's parent links; a run's PID namespaces are searched only when killing.
+        """
+        children: dict[int, list[int]] = {}
+        for proc in psutil.process_iter(["ppid"]):
+            children.setdefault(proc.info["ppid"], []).append(proc.pid)
+        stack, found = [self.leader, *self.seen], set()
+        while stack:
+            pid = stack.pop()
+            if pid not in found:
+                found.add(pid)
+                stack.extend(children.get(pid, ()))
+        return self._sample(found)
+
+    def _sample(self, pids) -> list[psutil.Process]:
         alive = []
-        for pid, proc in found.items():
+        for pid in pids:
             try:
-                if proc.status() == psutil.STATUS_ZOMBIE:
+                proc = self.seen.get(pid) or psutil.Process(pid)
+                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
                     continue
                 times = proc.cpu_times()
                 self.cpu[pid, proc.create_time()] = times.user + times.system
@@ -63,6 +61,12 @@ class ProcessTree:
                     self.namespaces.add(ns)
             alive.append(proc)
         return alive
+
+    def in_namespaces(self) -> list[psutil.Process]:
+        """Processes in the run's PID namespaces that left its tree (orphans of a double fork)."""
+        if not self.namespaces:
+            return []
+        return [p for p in psutil.process_iter() if p.pid != os.getpid() and _pid_ns(p.pid) in self.namespaces]
 
     def cpu_secs(self) -> float:
         """CPU time of the run's processes as last sampled (a watchdog period short at most)."""
@@ -95,7 +99,7 @@ class ProcessTree:
         """
         give_up = time.monotonic() + KILL_WAIT_SECS
         while True:
-            victims = {p.pid: p for p in self.members() + self.marked()}.values()
+            victims = {p.pid: p for p in self.members() + self.in_namespaces() + self.marked()}.values()
             for proc in victims:
                 try:
                     proc.send_signal(signal.SIGKILL)
@@ -108,8 +112,21 @@ class ProcessTree:
             time.sleep(0.05)
 
 
-def pss_bytes(procs: list[psutil.Process]) -> int:
-    """Proportional set size of the processes together: shared pages are counted once overall."""
+def memory_bytes(procs: list[psutil.Process], cap: int) -> int:
+    """Memory of the processes together, as proportional set size once it could matter.
+
+    The resident sizes add up shared pages once per process, so their sum is never below the PSS
+    sum; only when that sum passes `cap` is the PSS read (from smaps_rollup, whose page-table walk
+    slowed training by a fifth when done four times a second).
+    """
+    total = 0
+    for proc in procs:
+        try:
+            total += proc.memory_info().rss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    if total <= cap:
+        return total
     total = 0
     for proc in procs:
         try:

@@ -48,7 +48,7 @@ from trainer.carried_data import index_for
 from trainer.contention import CpuMeter
 from trainer.corpus import TRAIN_FILE, VAL_FILE, cache_root
 from trainer.evaluator import FramePipe, TrustedEvaluator, load_val
-from trainer.processes import ProcessTree, pss_bytes, task_count
+from trainer.processes import ProcessTree, memory_bytes, task_count
 from trainer.untrusted_files import keep_recorded_outputs, open_log, tail_of_fd, truncate, usage, write_atomic
 from trainer.verdict import (NEVER_EVALUATED, Limits, RunOutcome, count, default_clock_grace,  # noqa: F401
                             judge, parse_report)
@@ -258,7 +258,8 @@ def _supervise(proc: subprocess.Popen, trees: dict[str, ProcessTree], frozen: th
                                "(training + evaluation); stop training at TIME_BUDGET")
         for name in ("server",) if frozen.is_set() else ("train", "server"):
             members = trees[name].members()
-            used = pss_bytes(members) + (_scratch_bytes(members, scratch) if name == "train" else 0)
+            files = _scratch_bytes(members, scratch) if name == "train" else 0
+            used = memory_bytes(members, (memory_mb << 20) - files) + files
             if used > memory_mb << 20:
                 what = ("its processes and the files in its /tmp and /dev/shm" if name == "train"
                         else "the evaluation of its model")
