@@ -1,3 +1,4 @@
+import errno
 import logging
 import os
 import subprocess
@@ -38,3 +39,18 @@ def small_disk(tmp_path, request) -> Path:
         pytest.skip(f"cannot mount a {mib} MiB tmpfs on {disk}: {mounted.stderr.strip() or mounted.returncode}")
     request.addfinalizer(lambda: subprocess.run(["umount", "--lazy", str(disk)], check=False))
     return disk
+
+
+def fill(path: Path) -> Path:
+    """Write `path` until its disk is full (ENOSPC); returns the path."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    block = os.urandom(1 << 16)
+    try:
+        while True:
+            os.write(fd, block)
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+    return path

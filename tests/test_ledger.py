@@ -1,5 +1,4 @@
 """The budget ledger: real SQLite, real processes, real full disks, no Ray."""
-import errno
 import inspect
 import json
 import os
@@ -12,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import fill
 
 from budget.ledger import (
     INTERRUPTED_BY_CRASH,
@@ -234,21 +234,6 @@ def test_the_lock_file_names_the_harness(tmp_path):
 # --- a full disk ------------------------------------------------------------------------------------
 
 SMALL_DISK_MIB = 4  # the ledger alone: a few MiB fill quickly
-
-
-def fill(path):
-    """Write `path` until its disk is full (ENOSPC); returns the path."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    block = os.urandom(1 << 16)
-    try:
-        while True:
-            os.write(fd, block)
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    finally:
-        os.close(fd)
-    return path
 
 
 def integrity(session: Path) -> str:

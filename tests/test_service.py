@@ -1,6 +1,5 @@
 """The training service end to end: real Ray, real sandboxed runs, real processes killed for real."""
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -12,6 +11,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import fill
 
 from budget.ledger import RESERVE_BYTES, RESERVE_FILE, Ledger, SessionLocked
 from budget.models import Budget, RunRefused, RunRequest, RunStatus, ServiceSettings
@@ -313,20 +313,6 @@ def keep_full(path: Path):
     finally:
         stop.set()
         thread.join()
-
-
-def fill(path: Path) -> Path:
-    """Write `path` until its disk is full (ENOSPC)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    try:
-        while True:
-            os.write(fd, b"x" * (1 << 16))
-    except OSError as exc:
-        if exc.errno != errno.ENOSPC:
-            raise
-    finally:
-        os.close(fd)
-    return path
 
 
 def on_disk(session: Path, run_id: int):

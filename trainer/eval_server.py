@@ -32,6 +32,7 @@ import ctypes
 import json
 import os
 import resource
+import shutil
 import signal
 import sys
 
@@ -127,7 +128,6 @@ def _kill_the_rest(child: int, own_pid_namespace: bool) -> None:
 
 def _empty(folder: str) -> None:
     """The one writable folder (libraries want a temporary directory) starts every frame empty."""
-    import shutil
     for name in os.listdir(folder):
         path = os.path.join(folder, name)
         if os.path.isdir(path) and not os.path.islink(path):
