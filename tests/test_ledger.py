@@ -332,7 +332,8 @@ time.sleep(60)  # run 3 is still in flight when this harness is killed
 
 def test_outcomes_held_when_the_harness_dies_are_recorded_truthfully(small_disk):
     session = small_disk / "session"
-    harness = python(inspect.getsource(fill) + HOLDING_HARNESS, str(small_disk))
+    harness = python("import errno, os\nfrom pathlib import Path\n" + inspect.getsource(fill) + HOLDING_HARNESS,
+                     str(small_disk))
     held = [harness.stdout.readline() for _ in range(2)]
     harness.send_signal(signal.SIGKILL)
     harness.wait()
