@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import difflib
-import json
 from typing import Callable
 
 from rich.console import Console
 from rich.panel import Panel
 from rich.syntax import Syntax
 
-from agent.providers.base import ToolCall
-from agent.tools import ToolFailure
+from agent.tools import Tool, ToolArgs, ToolFailure
 
 MODES = ("none", "runs", "edits", "all")
-EDIT_TOOLS = {"edit_file", "write_file", "restore_run", "submit_run"}
 
 
 class ApprovalGate:
@@ -31,24 +28,21 @@ class ApprovalGate:
         self.ask = ask or (lambda prompt: console.input(prompt))
         self.best_code = best_code  # () -> code of the best run, for the diff shown before a run
 
-    def needs(self, name: str) -> bool:
-        return (self.mode == "all" or (self.mode == "edits" and name in EDIT_TOOLS)
-                or (self.mode == "runs" and name == "submit_run"))
-
-    def check(self, call: ToolCall, toolbox) -> None:
-        if not self.needs(call.name):
+    def check(self, tool: Tool, args: ToolArgs, toolbox) -> None:
+        """Ask when the tool's declaration says this mode asks; a refusal is a ToolFailure with the reason."""
+        if not tool.needs_approval(self.mode):
             return
-        args = call.arguments or {}
-        body = json.dumps(args, indent=1)[:3000]
-        if call.name == "submit_run":
+        body = args.model_dump_json(indent=1)[:3000]
+        if tool.starts_run:
             base = self.best_code() if self.best_code else ""
             diff = "".join(difflib.unified_diff(base.splitlines(True), toolbox.ws.code().splitlines(True),
                                                 "best run", "train.py", n=2))
-            body = f"{args.get('description', '')}\nhypothesis: {args.get('hypothesis', '')}\n\n{diff or '(no change from the best run)'}"
-        self.console.print(Panel(Syntax(body, "diff", word_wrap=True), title=f"approve {call.name}?"))
+            body = (f"{getattr(args, 'description', '')}\nhypothesis: {getattr(args, 'hypothesis', '')}\n\n"
+                    f"{diff or '(no change from the best run)'}")
+        self.console.print(Panel(Syntax(body, "diff", word_wrap=True), title=f"approve {tool.name}?"))
         answer = self.ask("[y]es / [n]o (a reason may follow, e.g. 'n too big'): ").strip()
         if answer.lower() in ("", "y", "yes"):
             return
         reason = answer[1:].strip(" :-") if answer[:1].lower() == "n" else answer
-        raise ToolFailure(f"a person refused this {call.name}" + (f": {reason}" if reason else "")
+        raise ToolFailure(f"a person refused this {tool.name}" + (f": {reason}" if reason else "")
                           + ". Adjust the plan and try something else.")

@@ -75,7 +75,7 @@ def session_settings(args, session_dir):
         if value:
             values[flag] = value
     return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
-                           sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
+                           background_runs=not args.wait_for_runs, sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
                            max_cost_usd=args.max_cost, price_per_mtok=args.price, replay_from=getattr(args, "replay_from", None), **values)
 
 
@@ -185,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--timeout", type=float, help="hard limit of one run in seconds (default 210)")
         p.add_argument("--session", help="session folder (default ./sessions/<timestamp>)")
         p.add_argument("--concurrency", type=int, default=1, help="runs at once (default 1)")
+        p.add_argument("--wait-for-runs", action="store_true", help="submit_run returns only with the result (default: an LLM thinks while a run trains)")
         p.add_argument("--ray-address", help="join an existing Ray cluster (or RAY_ADDRESS)")
         p.add_argument("--unsafe-no-sandbox", action="store_true", help="run without bubblewrap; results say so")
         p.add_argument("--approve", choices=["none", "runs", "edits", "all"],

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import json
 import time
+import traceback
 
 from rich.markup import escape
 
 from agent.context import Context
 from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult
-from agent.tools import TOOL_NAMES, TOOL_SPECS, Finished, Toolbox, ToolFailure
+from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
+from budget.models import RunResult, RunStatus
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, Trajectory
 
 FINAL_TURN_CALLS = 3  # model calls allowed after the budget is spent, to conclude
+# stop reasons that mean the reply hit the output-token limit (Anthropic, Chat Completions, Responses)
+TRUNCATED_STOPS = {"max_tokens", "length", "max_output_tokens", "incomplete"}
 
 
 class LimitReached(Exception):
@@ -86,71 +90,101 @@ class AgentLoop:
             raise CostLimit(f"--max-cost ${self.max_cost_usd:.2f} exceeded (${self.cost_usd:.2f} spent)")
         return reply
 
-    def run_tool(self, call: ToolCall) -> ToolResult:
+    def run_tool(self, call: ToolCall) -> tuple[ToolResult, bool]:
+        """Run one call; the result the model reads, and whether the call fitted a tool's declaration.
+
+        Nothing a call does ends the session but `finish`: a bad call, a refusal, a failed handler and
+        an unexpected exception in the harness all come back to the model as a tool error.
+        """
         started = time.monotonic()
-        output, error = "", None
+        output, error, usable, meta = None, None, False, {}
         try:
-            if call.error:
-                raise ToolFailure(f"your call to {call.name} could not be read: {call.error}. Send valid JSON arguments.")
+            tool, args = self.tools.parse(call)
+            usable = True
             if self.approval is not None:
-                self.approval.check(call, self.tools)
-            output = self.tools.execute(call.name, call.arguments or {})
+                self.approval.check(tool, args, self.tools)
+            output = tool.handler(self.tools, args)
         except ToolFailure as exc:
             error = str(exc)
         except Finished as done:
             self.summary = done.summary
-            output = "session finished"
-            self._record(call, output, None, started)
+            self._record(call, "session finished", None, started, {})
             raise
-        text = (error or output) + "\n" + self.tools.budget_line()
-        self._record(call, output, error, started)
-        self._show(call, output, error)
-        return ToolResult(tool_call_id=call.id, name=call.name, content=text, is_error=error is not None)
+        except Exception as exc:  # noqa: BLE001 - a fault of the harness, not of the call: told, recorded, survived
+            usable = False
+            error = (f"{call.name} failed inside the harness ({type(exc).__name__}: {exc}); this is not a fault of "
+                     "your arguments. Try again, or do something else.")
+            meta["traceback"] = traceback.format_exc(limit=8)
+        news = self.tools.news()  # results of background runs reach the model with the next tool result
+        runs = (output.runs if output else []) + (news.runs if news else [])
+        if runs:
+            meta["run_ids"] = [r.run_id for r in runs]
+        text = "\n\n".join(t for t in (error or output.text, news.text if news else "") if t)
+        self._record(call, None if error else text, error and text, started, meta)
+        self._show(call, error, runs)
+        return ToolResult(tool_call_id=call.id, name=call.name, content=text + "\n" + self.tools.budget_line(),
+                          is_error=error is not None), usable
 
-    def _record(self, call: ToolCall, output: str, error: str | None, started: float) -> None:
+    def _record(self, call: ToolCall, output: str | None, error: str | None, started: float, meta: dict) -> None:
         self.trajectory.append(ToolCallEvent(
-            tool=call.name, input=call.raw_arguments or json.dumps(call.arguments or {}), output=output or None,
+            tool=call.name, input=call.raw_arguments or json.dumps(call.arguments or {}), output=output,
             error=error, duration_ms=int((time.monotonic() - started) * 1000),
-            metadata={"tool_call_id": call.id, **self._budget_meta()}))
+            metadata={"tool_call_id": call.id, **self._budget_meta(), **meta}))
 
-    def _show(self, call: ToolCall, output: str, error: str | None) -> None:
+    def _show(self, call: ToolCall, error: str | None, runs: list[RunResult]) -> None:
         if self.console is None:
             return
         if error:
             self.console.print(f"  {call.name}: [yellow]{escape(error.splitlines()[0][:160])}[/yellow]")
-        elif call.name == "submit_run" and output.startswith("{"):
-            r = json.loads(output)
-            bpb = f"{r['val_bpb']:.4f}" if r.get("val_bpb") is not None else "-"
-            self.console.print(f"[bold]run {r['run_id']}[/bold] {r['status']} val_bpb {bpb}  "
-                               f"{escape((call.arguments or {}).get('description', ''))[:100]}")
-        elif call.name in ("write_note", "finish"):
+        for r in runs:
+            if r.status == RunStatus.running:
+                self.console.print(f"[bold]run {r.run_id}[/bold] started  {escape(r.description[:100])}")
+            else:
+                bpb = f"{r.val_bpb:.4f}" if r.val_bpb is not None else "-"
+                self.console.print(f"[bold]run {r.run_id}[/bold] {r.status.value} val_bpb {bpb}  "
+                                   f"{escape(r.description[:100])}")
+        if call.name in ("write_note", "finish") and not error:
             args = call.arguments or {}
             text = args.get("text") or args.get("summary") or ""
-            self.console.print(f"  [dim]{call.name}: {escape(text[:200])}[/dim]")
+            self.console.print(f"  [dim]{call.name}: {escape(str(text)[:200])}[/dim]")
 
     def _budget_meta(self) -> dict:
         s = self.tools.service.status()
         return {"runs_remaining": s.runs_remaining, "match_time_remaining_secs": round(s.match_time_remaining_secs, 1)}
 
     def step(self) -> None:
+        """One model call and its tool calls, in order.
+
+        After a call fails, the later calls of the same reply are not run (each gets a tool error
+        saying so): they were written expecting it to succeed, an edit before a run above all. A
+        reply cut at the output-token limit has its last call cut too; it is answered, not run.
+        """
         reply = self.call_model()
         self.context.add(reply.to_message())  # keeps provider-native blocks (signed thinking)
+        cut = reply.stop_reason in TRUNCATED_STOPS
         if not reply.tool_calls:
-            self._malformed("Your reply had no tool call. Act through the tools; call finish when you are done.")
+            self._malformed("Your reply was cut at the output-token limit before it made a tool call; write less "
+                            "before acting." if cut else
+                            "Your reply had no tool call. Act through the tools; call finish when you are done.")
             return
-        valid = False
+        usable_any = False
         failed = None
-        for call in reply.tool_calls:
-            if failed is not None:  # later calls usually depend on the failed one
-                self.context.add(ToolResult(tool_call_id=call.id, name=call.name, is_error=True,
-                                            content=f"skipped: the earlier call to {failed} failed"))
+        for i, call in enumerate(reply.tool_calls):
+            if failed is not None:
+                self.context.add(ToolResult(tool_call_id=call.id, name=call.name, is_error=True, content=(
+                    f"not run: the earlier call to {failed} in this reply failed, and later calls usually depend "
+                    "on it. Send this call again if it still applies.")))
                 continue
-            result = self.run_tool(call)
+            if cut and i == len(reply.tool_calls) - 1:
+                call = call.model_copy(update={"error": (
+                    "your reply reached the output-token limit in the middle of this call, so its arguments are "
+                    "incomplete; send it again, shorter (edit_file with a small change rather than write_file)")})
+            result, usable = self.run_tool(call)
             self.context.add(result)
-            valid |= call.error is None and call.name in TOOL_NAMES
+            usable_any |= usable
             if result.is_error:
                 failed = call.name
-        if valid:
+        if usable_any:
             self.malformed = 0
         else:
             self._malformed("None of your tool calls could be used; check the tool names and argument schemas.")
@@ -171,7 +205,7 @@ class AgentLoop:
 
     # --- the loop --------------------------------------------------------------
     def run(self) -> str:
-        """Run until a limit; return why it stopped."""
+        """Run until a limit; return why it stopped. Runs in flight always end (recorded) before it returns."""
         try:
             while (why := self.budget_spent()) is None:
                 self.step()
@@ -180,10 +214,24 @@ class AgentLoop:
             return "finished: " + self.summary
         except BudgetSpent as spent:
             self.trajectory.append(SessionEvent(event="limit", detail={"reason": str(spent)}))
-            return self._final_turn(str(spent))
+            return self._final_turn(str(spent), self._settle())
+        except (LimitReached, ProviderError):
+            self._settle()
+            raise
 
-    def _final_turn(self, why: str) -> str:
-        self.context.notice(f"The budget is spent ({why}); no more runs can start. Record your conclusions "
+    def _settle(self) -> str:
+        """Wait for the runs still training (they are charged), drop queued submissions; what happened, as text."""
+        if self.console is not None and (self.tools.in_flight or self.tools.queued):
+            self.console.print("waiting for the runs in flight to finish before the session ends")
+        news = self.tools.settle()
+        if news is None:
+            return ""
+        self.trajectory.append(SessionEvent(event="settled", detail={"news": news.text[:5000]}))
+        self._show(ToolCall(id="", name="settle", arguments={}, raw_arguments=""), None, news.runs)
+        return news.text + "\n\n"
+
+    def _final_turn(self, why: str, news: str = "") -> str:
+        self.context.notice(f"{news}The budget is spent ({why}); no more runs can start. Record your conclusions "
                             "with write_note (kind 'conclusion'), then call finish with a short summary.")
         try:
             for _ in range(FINAL_TURN_CALLS):

@@ -46,6 +46,7 @@ class SessionSettings(BaseModel):
     price_per_mtok: tuple[float, float] | None = Field(None, description="USD per million input, output tokens")
     context_chars: int = Field(40_000, ge=4_000)
     search_seed: int = 0
+    background_runs: bool = Field(True, description="an LLM's submit_run returns at once; results follow (--wait-for-runs: off)")
 
     @model_validator(mode="after")
     def _cost_needs_prices(self):
@@ -140,14 +141,15 @@ class Session:
         parts += ["", f"## Working train.py\n```python\n{working}\n```"]
         return "\n".join(parts)
 
-    def _task(self) -> str:
+    def _task(self, background: bool) -> str:
         b = self.settings.budget
         runs = self.service.runs()
         baseline = json.dumps({k: getattr(runs[0], k) for k in ("val_bpb", "total_steps", "num_params_M",
                                                                  "training_secs")}) if runs else "(not run)"
         task = (PROMPTS / "task.txt").read_text().format(
             max_runs=b.max_runs, session_hours=b.session_secs / 3600, time_budget=b.time_budget_secs,
-            timeout=b.run_timeout_secs, hardware=hardware(self.service), baseline=baseline)
+            timeout=b.run_timeout_secs, hardware=hardware(self.service), baseline=baseline,
+            runs=(PROMPTS / ("runs_background.txt" if background else "runs_waiting.txt")).read_text())
         return task + "\n\n" + (PROMPTS / "habits.txt").read_text()
 
     # --- the session -------------------------------------------------------------
@@ -162,13 +164,14 @@ class Session:
             "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json())}))
         try:
             self._baseline()
-            toolbox = Toolbox(self.workspace, self.service, progress=ProgressPrinter)
+            toolbox = Toolbox(self.workspace, self.service, progress=ProgressPrinter,  # the search agent reads results
+                              background=self.settings.background_runs and kind in ("anthropic", "openai"))
             approval = None
             if self.settings.approve != "none":
                 approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
             loop = AgentLoop(researcher, toolbox, self.trajectory,
                              Context(self.state, max_chars=self.settings.context_chars),
-                             (PROMPTS / "system.txt").read_text() + "\n" + self._task(), approval=approval,
+                             (PROMPTS / "system.txt").read_text() + "\n" + self._task(toolbox.background), approval=approval,
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
                              price_per_mtok=self.settings.price_per_mtok,
                              run_timeout=self.settings.budget.run_timeout_secs, console=self.console)

@@ -171,6 +171,8 @@ class ServiceActor:
         self.finished: dict[int, asyncio.Event] = {}
         self.stopping: set[int] = set()
         self.supervisors: set[asyncio.Task] = set()
+        self.queue: list[asyncio.Future] = []  # submissions waiting for a run slot, oldest first
+        self.admitted = 0  # submissions let through the queue and not yet in flight
 
     async def open(self) -> list[int]:
         """Open (or resume) the session; returns the runs a dead harness left unrecorded, recorded now."""
@@ -220,6 +222,35 @@ class ServiceActor:
         supervisor.add_done_callback(self.supervisors.discard)
         return self.ledger.get(run_id)
 
+    async def submit_queued(self, request: RunRequest) -> RunResult | None:
+        """Start `request` the moment a run slot is free (at once if one is), in the order submitted.
+
+        Charged only when it starts, so a queued submission that is dropped (`drop_queued`, cancel,
+        close) or refused at its start (budget spent meanwhile) costs nothing; dropped returns None.
+        """
+        turn = asyncio.get_running_loop().create_future()
+        self.queue.append(turn)
+        self._admit()
+        if not await turn:
+            return None
+        try:
+            return await self.submit(request)
+        finally:
+            self.admitted -= 1
+            self._admit()
+
+    def _admit(self) -> None:
+        while self.queue and len(self.in_flight) + self.admitted < self.settings.concurrency:
+            self.admitted += 1
+            self.queue.pop(0).set_result(True)
+
+    async def drop_queued(self) -> int:
+        """Drop every submission still waiting for a slot (none was charged); returns how many."""
+        dropped, self.queue = self.queue, []
+        for turn in dropped:
+            turn.set_result(False)
+        return len(dropped)
+
     def _failure(self, run_id: int, status: RunStatus, reason: str) -> RunResult:
         run_dir = run_dir_of(self.settings.session_dir, run_id)
         return RunResult(run_id=run_id, status=status, reasons=[reason], sandboxed=self.settings.sandbox,
@@ -265,6 +296,7 @@ class ServiceActor:
         finally:
             del self.in_flight[run_id]
             self.finished[run_id].set()
+            self._admit()  # a queued submission starts the moment this run ends
 
     async def result(self, run_id: int) -> RunResult | None:
         """The run's record once it has finished (at once if it already has)."""
@@ -281,7 +313,8 @@ class ServiceActor:
         return run_id in self.stopping
 
     async def cancel_all(self) -> list[int]:
-        """Stop every run in flight and wait until each is recorded; returns their ids."""
+        """Drop the queued submissions, stop every run in flight and wait until each is recorded; their ids."""
+        await self.drop_queued()
         run_ids = sorted(self.in_flight)
         self.stopping.update(run_ids)
         waits = [self.finished[r].wait() for r in run_ids]
@@ -381,6 +414,22 @@ def _unwrap(ref):
         raise
 
 
+class QueuedSubmission:
+    """A submission handed to the service that starts when a run slot is free."""
+
+    def __init__(self, ref: ray.ObjectRef):
+        self._ref = ref
+
+    def started(self, timeout: float | None = 0) -> RunResult | None:
+        """The run's first record once it has started; None while it waits (after `timeout` s) or if dropped.
+
+        Raises RunRefused when the service refused it at its start (nothing charged).
+        """
+        if not ray.wait([self._ref], timeout=timeout)[0]:
+            return None
+        return _unwrap(self._ref)
+
+
 class TrainingService:
     """The training service of one session, for the agent and the CLI. Use it as a context manager.
 
@@ -472,16 +521,30 @@ class TrainingService:
         """Start one run and return its id at once (for concurrency > 1); collect it with `wait`."""
         return self.submit(request, wait=False).run_id
 
-    def wait(self, run_ids: list[int] | None = None, timeout: float | None = None) -> list[RunResult]:
+    def submit_queued(self, request: RunRequest) -> QueuedSubmission:
+        """Start one run the moment a run slot is free (at once if one is), without waiting here.
+
+        Whether it started (and as which run) is asked of the returned QueuedSubmission; its result is
+        collected with `wait`. A syntax error or a spent budget is reported when it would start.
+        """
+        return QueuedSubmission(self._actor.submit_queued.remote(request))
+
+    def drop_queued(self) -> int:
+        """Drop every submission still waiting for a run slot (none was charged); returns how many."""
+        return _unwrap(self._actor.drop_queued.remote())
+
+    def wait(self, run_ids: list[int] | None = None, timeout: float | None = None,
+             on_progress: Callable[[RunProgress], None] | None = None) -> list[RunResult]:
         """Block until the given runs (default: every run in flight) finish or `timeout` seconds pass.
 
         Returns one record per run, in the order asked; a run still in flight at the timeout comes back
-        with status `running`.
+        with status `running`. `on_progress` hears about the first run asked for while it trains.
         """
         run_ids = self.status().active_run_ids if run_ids is None else list(run_ids)
         if not run_ids:
             return []
         pending = [self._actor.result.remote(r) for r in run_ids]
+        first, began = pending[0], time.monotonic()
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             while pending:
@@ -489,6 +552,10 @@ class TrainingService:
                 if step <= 0:
                     break
                 _, pending = ray.wait(pending, num_returns=len(pending), timeout=step)
+                if on_progress and first in pending:
+                    on_progress(RunProgress(run_id=run_ids[0], elapsed_secs=round(time.monotonic() - began, 1),
+                                            stderr_tail=tail_lines(run_dir_of(self.settings.session_dir,
+                                                                              run_ids[0]) / "stderr.log")))
         except KeyboardInterrupt:
             self.cancel_all()
             raise

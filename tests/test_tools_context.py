@@ -23,7 +23,7 @@ def toolbox(tmp_path):
 
 
 def test_edit_replaces_one_exact_unique_occurrence(toolbox):
-    out = toolbox.execute("edit_file", {"old_text": "learning_rate = 3e-3", "new_text": "learning_rate = 6e-3"})
+    out = toolbox.execute("edit_file", {"old_text": "learning_rate = 3e-3", "new_text": "learning_rate = 6e-3"}).text
     assert "+learning_rate = 6e-3" in out and "learning_rate = 6e-3" in toolbox.ws.code()
 
 
@@ -40,8 +40,8 @@ def test_edit_that_matches_twice_is_refused(toolbox):
 
 
 def test_read_files_and_restore(toolbox):
-    assert "evaluate_bpb" in toolbox.execute("read_file", {"path": "prepare.py"})
-    assert "loss 2.1" in toolbox.execute("read_file", {"path": "runs/0/stderr.log"})
+    assert "evaluate_bpb" in toolbox.execute("read_file", {"path": "prepare.py"}).text
+    assert "loss 2.1" in toolbox.execute("read_file", {"path": "runs/0/stderr.log"}).text
     with pytest.raises(ToolFailure, match="readable files"):
         toolbox.execute("read_file", {"path": "/etc/passwd"})
     toolbox.execute("write_file", {"content": "print('x')\n"})

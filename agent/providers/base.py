@@ -19,6 +19,7 @@ class ToolSpec(BaseModel):
     name: str
     description: str
     parameters: dict[str, Any]  # JSON schema of the arguments object
+    strict: bool = False  # the schema meets OpenAI's strict mode (every property required, closed, optionals nullable)
 
 
 class ToolCall(BaseModel):
