@@ -171,9 +171,10 @@ class AgentLoop:
         failed = None
         for i, call in enumerate(reply.tool_calls):
             if failed is not None:
-                self.context.add(ToolResult(tool_call_id=call.id, name=call.name, is_error=True, content=(
-                    f"not run: the earlier call to {failed} in this reply failed, and later calls usually depend "
-                    "on it. Send this call again if it still applies.")))
+                skipped = (f"not run: the earlier call to {failed} in this reply failed, and later calls usually "
+                           "depend on it. Send this call again if it still applies.")
+                self._record(call, None, skipped, time.monotonic(), {})
+                self.context.add(ToolResult(tool_call_id=call.id, name=call.name, is_error=True, content=skipped))
                 continue
             if cut and i == len(reply.tool_calls) - 1:
                 call = call.model_copy(update={"error": (

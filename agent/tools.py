@@ -125,7 +125,6 @@ def nearest_lines(code: str, wanted: str, n: int = 3) -> str:
     return "\n".join(f"{lines.index(c) + 1:4d}| {c}" for c in close) or "(no similar line)"
 
 
-
 # --- declaration -------------------------------------------------------------------
 
 class ToolArgs(BaseModel):
