@@ -401,7 +401,8 @@ class Toolbox:
         started = ticket.started(timeout=START_WAIT_SECS)  # RunRefused if the service refused it
         if started is None:
             self.queued.append((request.description, ticket))
-            return ToolOutput(text=f"queued: starts the moment run {', '.join(map(str, self.in_flight))} ends. "
+            behind = f"run {', '.join(map(str, self.in_flight))} ends" if self.in_flight else "a run slot is free"
+            return ToolOutput(text=f"queued: starts the moment {behind}. "
                                    "Its result will be appended to a later tool result; meanwhile read, plan and "
                                    "prepare the next edit (wait_runs waits for the next result).")
         self.in_flight.append(started.run_id)
