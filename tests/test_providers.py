@@ -1,5 +1,9 @@
 """Anthropic and OpenAI providers through the real SDKs, against the loopback stub server."""
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -7,12 +11,14 @@ from rich.console import Console
 
 from agent.context import Context
 from agent.model_calls import preflight
+from agent.prices import PRICES, Price, UnknownPrice, known_price, price_for
 from agent.providers import DEFAULT_MODELS, make_provider, openai_api
 from agent.providers.base import (AssistantMessage, Conversation, NativeBlocks, ProviderError, RetryBudgetExhausted,
                                   ToolCall, ToolResult, ToolSpec, UserMessage)
 from agent.providers.options import ModelOptions
 from stub_llm_server import StubLLMServer
 
+ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["anthropic", "openai", "responses"]  # "openai" is Chat Completions, "responses" the Responses API
 KEY_ENV = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY", "responses": "OPENAI_API_KEY"}
 TOOLS = [
@@ -465,3 +471,59 @@ def test_conversation_serialises_to_json_and_back():
     data = Conversation.dump_json(conversation)
     assert Conversation.validate_json(data) == conversation
     assert [m["role"] for m in Conversation.dump_python(conversation)] == ["user", "assistant", "tool", "tool"]
+
+
+def test_price_table_and_cached_tokens_priced_apart():
+    assert known_price("claude-haiku-4-5-20251001") == PRICES["claude-haiku-4-5"]
+    assert known_price("gpt-6.1-sol") == PRICES["gpt-6.1-sol"] and known_price("gpt-6-sol") == PRICES["gpt-6-sol"]
+    assert known_price("qwen3-coder") is None
+    sonnet = PRICES["claude-sonnet-5-5"]
+    # 100k prompt tokens of which 90k read from cache and 5k written: far below the full input price
+    assert sonnet.cost(100_000, 90_000, 5_000, 1_000) == pytest.approx((5_000 * 2 + 90_000 * 0.2 + 5_000 * 2.5
+                                                                        + 1_000 * 10) / 1e6)
+    assert Price.model_validate([3, 15]).cost(1_000_000, 500_000, 0, 0) == pytest.approx(3.0)
+    assert Price.model_validate((3, 3.75, 0.3, 15)).cache_read == 0.3
+    with pytest.raises(ValueError, match="2 numbers"):
+        Price.model_validate([1, 2, 3])
+    assert price_for("qwen3-coder", None, needed=False) is None
+    assert price_for("qwen3-coder", Price.model_validate([1, 2]), needed=True).output == 2
+    with pytest.raises(UnknownPrice, match="--max-cost needs the prices of model 'qwen3-coder'.*--price IN,OUT"):
+        price_for("qwen3-coder", None, needed=True)
+
+
+@pytest.mark.parametrize("step, match", [({"status": 401, "message": "invalid x-api-key"}, "ANTHROPIC_API_KEY was"),
+                                         ({"status": 404, "message": "model: nope"}, "was not found")])
+def test_a_session_that_cannot_reach_its_model_starts_nothing(tmp_path, monkeypatch, step, match):
+    from agent.session import Session, SessionSettings
+
+    with StubLLMServer([step]) as stub:
+        settings = SessionSettings(session_dir=tmp_path / "s", agent="anthropic", base_url=stub.anthropic_base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "bad-key")
+        with pytest.raises(ProviderError, match=match):
+            Session(settings, Console(quiet=True)).run()
+    assert not (tmp_path / "s").exists()  # no folder that would block a retry with the same --session
+
+
+def test_max_cost_for_a_model_without_a_price_is_refused_before_any_request(tmp_path, monkeypatch):
+    from agent.session import Session, SessionSettings
+
+    monkeypatch.setenv("OPENAI_API_KEY", "k")
+    with StubLLMServer([]) as stub:
+        settings = SessionSettings(session_dir=tmp_path / "s", agent="openai", model="qwen3-coder",
+                                   base_url=stub.openai_base_url, max_cost_usd=1.0)
+        with pytest.raises(ProviderError, match="add --price"):
+            Session(settings, Console(quiet=True)).run()
+        assert stub.requests == []
+    assert not (tmp_path / "s").exists()
+
+
+def test_cli_exits_non_zero_at_a_rejected_key(tmp_path):
+    with StubLLMServer([{"status": 401, "message": "invalid x-api-key"}]) as stub:
+        env = {**os.environ, "ANTHROPIC_API_KEY": "bad", "ANTHROPIC_BASE_URL": stub.anthropic_base_url}
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--agent", "anthropic", "--session",
+                               str(tmp_path / "s"), "--thinking-budget", "2048"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=120)
+        sent = stub.requests[0].body
+    assert proc.returncode != 0 and "ANTHROPIC_API_KEY was rejected (401)" in proc.stderr
+    assert sent["thinking"] == {"type": "enabled", "budget_tokens": 2048}  # the flag reached the wire
+    assert not (tmp_path / "s").exists() and "run 0" not in proc.stdout
