@@ -1,13 +1,13 @@
 """Bounded requests whose prefix stays put, so prompt caching reads it back.
 
-Over 50 runs a conversation outgrows any context window. Each request is a fixed opening, the
-kept turns verbatim, and last the compact state (run table, notes, best and working code). The
-state changes on every call, so it goes at the end, as the freshest message, where it invalidates
-nothing: everything before it is the previous request plus one turn, which is what prompt caching
-(Anthropic's breakpoints, OpenAI's automatic prefix cache) reads back. When the kept turns pass
-`max_chars`, the oldest are folded away in one step, down to half of it, rather than one turn per
-call, so the prefix shifts once every many calls instead of on every call. The task lives in the
-system prompt. Nothing is lost: the trajectory keeps every step.
+Over 50 runs a conversation outgrows any context window. Each request is an opening with a
+snapshot of the state (run table, notes, best and working code) taken when the kept turns began,
+the kept turns verbatim, and last a brief fresh state (the run table now). Only that last message
+changes from one call to the next, so everything before it is the previous request plus one turn:
+what prompt caching (Anthropic's breakpoints, OpenAI's automatic prefix cache) reads back. When
+the kept turns pass `max_chars`, the oldest are folded away in one step, down to half of it, and a
+new snapshot is taken: the prefix shifts once every many calls instead of on every call. The task
+lives in the system prompt. Nothing is lost: the trajectory keeps every step.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Callable
 
 from agent.providers.base import AssistantMessage, Message, ToolResult, UserMessage
 
-OPENING = ("Begin. The last message of every request is the current state of the session (run table, "
-           "notes, best and working code); it replaces the states you saw before.")
+OPENING = ("Begin. Below: the state of the session when the turns that follow began, then those turns; "
+           "the last message is the current run table. Edits since the snapshot are in the turns "
+           "(read_file shows the working train.py).")
 
 
 def message_chars(m: Message) -> int:
@@ -26,8 +27,11 @@ def message_chars(m: Message) -> int:
 
 
 class Context:
-    def __init__(self, state: Callable[[], str], max_chars: int = 40_000, min_turns: int = 1):
+    def __init__(self, state: Callable[[], str], max_chars: int = 200_000, min_turns: int = 1,
+                 brief: Callable[[], str] | None = None):
         self.state = state
+        self.brief = brief  # without one, the whole state goes last and no snapshot is taken
+        self.snapshot: str | None = None
         self.max_chars = max_chars
         self.min_turns = min_turns
         self.history: list[Message] = []
@@ -57,23 +61,28 @@ class Context:
                 turns[-1].append(m)
         return [t for t in turns if isinstance(t[0], AssistantMessage)]
 
-    def _fold(self, turns: list[list[Message]]) -> None:
+    def _fold(self, turns: list[list[Message]]) -> bool:
         """Move the first kept turn forward when the kept turns outgrow max_chars: to half of it, at once."""
         sizes = [sum(message_chars(m) for m in turn) for turn in turns]
         if sum(sizes[self.first_kept:]) <= self.max_chars:
-            return
+            return False
         kept, used = len(turns), 0
         while kept > 0 and (len(turns) - kept < self.min_turns or used + sizes[kept - 1] <= self.max_chars // 2):
             kept -= 1
             used += sizes[kept]
         self.first_kept = kept
+        return True
 
     def messages(self) -> list[Message]:
         turns = self._turns()
-        self._fold(turns)
-        state = f"# Current state\n{self.state()}"
-        if self.first_kept:
-            state += (f"\n\n({self.first_kept} earlier turns are summarised by this state; "
-                      "the trajectory keeps them.)")
-        return ([UserMessage(content=OPENING)] + [m for turn in turns[self.first_kept:] for m in turn]
-                + [UserMessage(content=state, volatile=True)])
+        folded = self._fold(turns)
+        summary = (f"\n\n({self.first_kept} earlier turns are summarised by this state; the trajectory keeps "
+                   "them.)") if self.first_kept else ""
+        if self.brief is None:
+            opening, fresh = OPENING, f"# Current state\n{self.state()}{summary}"
+        else:
+            if self.snapshot is None or folded:
+                self.snapshot = f"# State when the turns below began\n{self.state()}{summary}"
+            opening, fresh = f"{OPENING}\n\n{self.snapshot}", f"# Current state\n{self.brief()}"
+        return ([UserMessage(content=opening)] + [m for turn in turns[self.first_kept:] for m in turn]
+                + [UserMessage(content=fresh, volatile=True)])

@@ -48,7 +48,7 @@ class SessionSettings(BaseModel):
     max_cost_usd: float | None = Field(None, gt=0)
     price_per_mtok: Price | None = Field(None, description="overrides the price table (agent/prices.py)")
     model_options: ModelOptions = Field(default_factory=ModelOptions)
-    context_chars: int = Field(40_000, ge=4_000)
+    context_chars: int = Field(200_000, ge=4_000, description="kept turns; cached, so a wide window is cheap")
     search_seed: int = 0
 
 
@@ -121,6 +121,10 @@ class Session:
                             wait=True, on_progress=progress)
         self.console.print(run_line(result))
 
+    def brief(self) -> str:
+        """The fresh part of every request: the run table (code and notes are in the snapshot and the turns)."""
+        return "\n".join(["## Runs", *(run_line(r) for r in self.service.runs())])
+
     def state(self) -> str:
         """The compact state always present in a request: run table, notes, best and working code."""
         runs = self.service.runs()
@@ -179,7 +183,7 @@ class Session:
             if self.settings.approve != "none":
                 approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
             loop = AgentLoop(researcher, toolbox, self.trajectory,
-                             Context(self.state, max_chars=self.settings.context_chars),
+                             Context(self.state, max_chars=self.settings.context_chars, brief=self.brief),
                              (PROMPTS / "system.txt").read_text() + "\n" + self._task(), approval=approval,
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
                              price=price,

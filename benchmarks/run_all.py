@@ -22,6 +22,7 @@ BENCHMARKS = {
     "evaluation": ["benchmarks/evaluation.py"],
     "service": ["benchmarks/service.py", "180"],
     "request_size": ["benchmarks/request_size.py"],
+    "caching": ["benchmarks/caching.py"],
     "research_12x30": ["benchmarks/research.py", "--runs", "12", "--time-budget", "30", "--seeds", "0", "1", "2"],
     "research_50x60": ["benchmarks/research.py", "--runs", "50", "--time-budget", "60", "--seeds", "0",
                        "--strategies", "search"],
