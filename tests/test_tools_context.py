@@ -96,3 +96,20 @@ def test_run_table_shows_steps_and_marks_runs_that_shared_the_cores():
     busy = quiet.model_copy(update={"run_id": 4, "total_steps": 1300, "cpu_others": 0.48})
     assert "2500 steps" in run_line(quiet) and "other work" not in run_line(quiet)
     assert "1300 steps [other work took 48% of the cores]" in run_line(busy)
+
+
+def test_with_a_brief_the_snapshot_holds_until_a_fold_and_the_brief_goes_last():
+    calls = []
+    ctx = Context(lambda: f"full state {len(calls)}", max_chars=10_000, brief=lambda: "run table now")
+    openings = []
+    for i in range(30):
+        calls.append(i)
+        call = ToolCall(id=f"c{i}", name="read_file", arguments={"path": "train.py"}, raw_arguments="{}")
+        ctx.add(AssistantMessage(text=f"turn {i}", tool_calls=[call]))
+        ctx.add(ToolResult(tool_call_id=f"c{i}", name="read_file", content="x" * 900))
+        msgs = ctx.messages()
+        openings.append(msgs[0].content)
+        assert msgs[-1].volatile and msgs[-1].content == "# Current state\nrun table now"
+        assert not msgs[0].volatile and "# State when the turns below began\nfull state" in msgs[0].content
+    changes = [i for i in range(1, 30) if openings[i] != openings[i - 1]]
+    assert changes and all(b - a >= 3 for a, b in zip(changes, changes[1:]))  # a new snapshot only at a fold
