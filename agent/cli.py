@@ -100,8 +100,8 @@ def session_settings(args, session_dir):
             values[flag] = value
     return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
                            sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
-                           max_cost_usd=args.max_cost, price_per_mtok=args.price, replay_from=getattr(args, "replay_from", None),
-                           model_options=model_options(args), **values)
+                           max_cost_usd=args.max_cost, price_per_mtok=args.price,
+                           replay_from=getattr(args, "replay_from", None), model_options=model_options(args), **values)
 
 
 def cmd_run(args) -> int:

@@ -188,6 +188,9 @@ class Session:
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
                              price=price,
                              run_timeout=self.settings.budget.run_timeout_secs, console=self.console)
+            # --max-cost counts what the session already spent: the preflight, and the calls before a resume
+            loop.cost_usd = sum(e.metadata.get("cost_usd") or 0 for e in self.trajectory.events()
+                                if e.type == "llm_call")
             self.stop_reason = loop.run()
         except LimitReached as exc:
             self.stop_reason = str(exc)

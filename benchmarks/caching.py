@@ -1,5 +1,6 @@
 """Prompt caching over a 50-run session: the real Session, AgentLoop, Context and Anthropic provider,
-the real training service, and a stub model over the real anthropic SDK.
+the real training service, and a stub model over the real anthropic SDK (the researcher of
+request_size.py).
 
 The stub computes cache reads from the breakpoints it receives (the longest prefix an earlier
 request cached), so the share below is earned by the request layout, not asserted. Each turn reads
@@ -9,7 +10,6 @@ and without caching, and the largest request per block of 10 runs (bounded means
 """
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import tempfile
@@ -24,23 +24,8 @@ from agent.prices import PRICES  # noqa: E402
 from agent.session import Session, SessionSettings  # noqa: E402
 from budget.models import Budget  # noqa: E402
 from logs.trajectory import LLMCallEvent, read_events  # noqa: E402
+from benchmarks.request_size import researcher  # noqa: E402  the same turns as the request-size figure
 from tests.stub_llm_server import StubLLMServer  # noqa: E402
-
-LRS = itertools.cycle(["2e-3", "4e-3", "3e-3"])
-
-
-def researcher(request):
-    last = request.last_tool_result() or ""
-    if "The budget is spent" in last:
-        return {"tool_calls": [{"name": "finish", "arguments": {"summary": "benchmark done"}}]}
-    lr = next(LRS)
-    return {"text": "Reading the code, then trying another learning rate. " * 20, "tool_calls": [
-        {"name": "read_file", "arguments": {"path": "train.py"}},
-        {"name": "write_file", "arguments": {"content": (ROOT / "trainer" / "baseline_train.py").read_text()
-                                             .replace("learning_rate = 3e-3", f"learning_rate = {lr}")}},
-        {"name": "submit_run", "arguments": {"description": f"lr {lr}", "hypothesis": "benchmark turn"}},
-        {"name": "write_note", "arguments": {"kind": "insight", "text": f"tried lr {lr}; " + "details " * 30}}]}
-
 
 def main(runs: int = 50, time_budget: float = 1.0) -> dict:
     os.environ.setdefault("ANTHROPIC_API_KEY", "benchmark")

@@ -286,7 +286,8 @@ def responses_refusal(stub: StubLLMServer, body: dict[str, Any]) -> tuple[int, s
                 return 404, (f"Item with id '{item.get('id')}' not found. Items are not persisted when `store` is "
                              "set to false. Try again with `store` set to true, or remove this item from your input.")
             if n == len(items) - 1:
-                return 400, f"Item '{item.get('id')}' of type 'reasoning' was provided without its required following item."
+                return 400, (f"Item '{item.get('id')}' of type 'reasoning' was provided without its required "
+                             "following item.")
             seen.add(item.get("id"))
         elif item.get("type") == "function_call":
             needed = stub.reasoning_of_call.get(item.get("call_id"))

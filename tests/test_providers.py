@@ -169,6 +169,15 @@ def test_persistent_server_error_exhausts_the_budget_in_time(kind):
     assert len(stub.requests) == len(retries) + 1
 
 
+def test_retries_stop_at_the_attempt_limit_and_say_n_of_m():
+    seen = []
+    with StubLLMServer(handler=lambda request: {"status": 529, "retry_after": "0"}) as stub:
+        with pytest.raises(RetryBudgetExhausted, match="gave up after 8 attempt"):
+            provider("anthropic", stub, on_retry=seen.append).complete("sys", TASK, TOOLS)
+        assert len(stub.requests) == 8
+    assert [(r.attempt, r.of) for r in seen] == [(n, 8) for n in range(1, 8)] and "529" in seen[0].error
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_rejected_key_names_the_variable_and_is_not_retried(kind):
     retries = Retries()
