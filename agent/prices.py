@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field, model_validator
 
+from agent.providers.base import ProviderError
+
 
 class Price(BaseModel):
     """USD per million tokens. Given as 2 numbers (input, output), cached tokens cost the input price."""
@@ -67,8 +69,9 @@ def known_price(model: str) -> Price | None:
     return PRICES[max(names, key=len)] if names else None
 
 
-class UnknownPrice(ValueError):
-    pass
+class UnknownPrice(ProviderError):
+    def __init__(self, message: str):
+        super().__init__(message, kind="config")
 
 
 def price_for(model: str, override: Price | None, needed: bool) -> Price | None:

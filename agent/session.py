@@ -14,7 +14,7 @@ from agent.approval import ApprovalGate
 from agent.context import Context
 from agent.loop import AgentLoop, LimitReached
 from agent.model_calls import call_event, preflight, retry_line, totals_line
-from agent.prices import Price, UnknownPrice, price_for
+from agent.prices import Price, price_for
 from agent.providers.base import ProviderError, Retry
 from agent.providers.options import ModelOptions
 from agent.tools import TOOL_SPECS, Toolbox, Workspace, run_line
@@ -156,17 +156,17 @@ class Session:
     # --- the session -------------------------------------------------------------
     def run(self) -> str:
         kind = pick_agent(self.settings)
-        researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here, before anything
-        try:
+        researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here
+        try:  # nothing is started, and nothing charged, before the model is known to answer
             price = price_for(researcher.model, self.settings.price_per_mtok,
                               needed=self.settings.max_cost_usd is not None and kind in ("anthropic", "openai"))
             checked = preflight(researcher, TOOL_SPECS, self.settings.model_options.chosen(), self.console)
-        except (UnknownPrice, ProviderError) as exc:
-            try:  # nothing was started: leave no folder behind (rmdir removes only an empty one)
+        except ProviderError:
+            try:  # leave no folder behind to block a retry (rmdir removes only an empty one)
                 self.dir.rmdir()
             except OSError:
                 pass
-            raise exc if isinstance(exc, ProviderError) else ProviderError(str(exc), kind="config") from exc
+            raise
         resumed = self._open()
         self.opened = True
         self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
