@@ -56,12 +56,36 @@ ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is abse
 }
 
 
-def prices(text: str) -> tuple[float, float]:
+def prices(text: str) -> list[float]:
     try:
-        a, b = (float(v) for v in text.split(","))
+        values = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give two numbers, e.g. 3,15") from None
-    return a, b
+        values = []
+    if len(values) not in (2, 4):
+        raise argparse.ArgumentTypeError(f"{text!r}: give IN,OUT (e.g. 3,15) or IN,CACHE_WRITE,CACHE_READ,OUT "
+                                         "(e.g. 3,3.75,0.3,15), USD per million tokens")
+    return values
+
+
+def model_option_args(p) -> None:
+    """A flag per ModelOptions field, with its choices, type and help taken from the field."""
+    from typing import Literal, get_args, get_origin
+
+    from agent.providers.options import ModelOptions
+
+    for name, field in ModelOptions.model_fields.items():
+        kinds = get_args(field.annotation) or (field.annotation,)
+        choices = next((list(get_args(k)) for k in (field.annotation, *kinds) if get_origin(k) is Literal), None)
+        p.add_argument(ModelOptions.flag(name), type=int if int in kinds else str, choices=choices,
+                       help=f"{field.description} (or {ModelOptions.env(name)})")
+
+
+def model_options(args):
+    from agent.providers.options import ModelOptions
+
+    values = {name: getattr(args, name, None) or os.environ.get(ModelOptions.env(name))
+              for name in ModelOptions.model_fields}
+    return ModelOptions(**{name: value for name, value in values.items() if value})
 
 
 def session_settings(args, session_dir):
@@ -75,8 +99,9 @@ def session_settings(args, session_dir):
         if value:
             values[flag] = value
     return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
-                           background_runs=not args.wait_for_runs, sandbox=not args.unsafe_no_sandbox, max_llm_calls=args.max_llm_calls,
-                           max_cost_usd=args.max_cost, price_per_mtok=args.price, replay_from=getattr(args, "replay_from", None), **values)
+                           background_runs=not args.wait_for_runs, sandbox=not args.unsafe_no_sandbox,
+                           max_llm_calls=args.max_llm_calls, max_cost_usd=args.max_cost, price_per_mtok=args.price,
+                           replay_from=getattr(args, "replay_from", None), model_options=model_options(args), **values)
 
 
 def cmd_run(args) -> int:
@@ -191,8 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--approve", choices=["none", "runs", "edits", "all"],
                        help="ask a person before each run / edit / tool call (or PGOLF_APPROVE)")
         p.add_argument("--max-llm-calls", type=int, help="stop after this many model calls")
-        p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD (needs --price)")
-        p.add_argument("--price", type=prices, metavar="IN,OUT", help="model prices in USD per million input,output tokens")
+        p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD "
+                       "(models outside the price table need --price)")
+        p.add_argument("--price", type=prices, metavar="IN,OUT|IN,CW,CR,OUT",
+                       help="model prices in USD per million tokens: input, output; or input, cache write, cache "
+                            "read, output (with 2 numbers cached tokens cost the input price); overrides the table")
 
     p = sub.add_parser("run", help="run a research session: baseline, then the agent until the budget is spent")
     session_args(p)
@@ -200,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="researcher (default auto: Anthropic key > OpenAI key/base URL > offline search)")
     p.add_argument("--model", help="model id for the chosen provider (or PGOLF_MODEL)")
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (or OPENAI_BASE_URL)")
+    model_option_args(p)
     p.add_argument("--resume", metavar="SESSION_DIR", help="continue a session with the budget it has left")
     p.set_defaults(func=cmd_run)
 

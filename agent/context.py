@@ -1,16 +1,23 @@
-"""Bounded requests: recent turns verbatim, everything older folded into a compact state.
+"""Bounded requests whose prefix stays put, so prompt caching reads it back.
 
-Over 50 runs a conversation outgrows any context window. Each request is the
-compact state (run table, notes, best and working code), then as many of the
-most recent turns as fit in `max_chars`. The task lives in the system prompt,
-so the stable prefix (tools, system) is what prompt caching reuses. Nothing is
-lost: the trajectory keeps every step.
+Over 50 runs a conversation outgrows any context window. Each request is an opening with a
+snapshot of the state (run table, notes, best and working code) taken when the kept turns began,
+the kept turns verbatim, and last a brief fresh state (the run table now). Only that last message
+changes from one call to the next, so everything before it is the previous request plus one turn:
+what prompt caching (Anthropic's breakpoints, OpenAI's automatic prefix cache) reads back. When
+the kept turns pass `max_chars`, the oldest are folded away in one step, down to half of it, and a
+new snapshot is taken: the prefix shifts once every many calls instead of on every call. The task
+lives in the system prompt. Nothing is lost: the trajectory keeps every step.
 """
 from __future__ import annotations
 
 from typing import Callable
 
 from agent.providers.base import AssistantMessage, Message, ToolResult, UserMessage
+
+OPENING = ("Begin. Below: the state of the session when the turns that follow began, then those turns; "
+           "the last message is the current run table. Edits since the snapshot are in the turns "
+           "(read_file shows the working train.py).")
 
 
 def message_chars(m: Message) -> int:
@@ -20,11 +27,15 @@ def message_chars(m: Message) -> int:
 
 
 class Context:
-    def __init__(self, state: Callable[[], str], max_chars: int = 40_000, min_turns: int = 1):
+    def __init__(self, state: Callable[[], str], max_chars: int = 200_000, min_turns: int = 1,
+                 brief: Callable[[], str] | None = None):
         self.state = state
+        self.brief = brief  # without one, the whole state goes last and no snapshot is taken
+        self.snapshot: str | None = None
         self.max_chars = max_chars
         self.min_turns = min_turns
         self.history: list[Message] = []
+        self.first_kept = 0  # index into the history's turns: all before it are folded into the state
 
     def add(self, message: Message) -> None:
         self.history.append(message)
@@ -48,20 +59,30 @@ class Context:
                 turns.append([m])
             else:
                 turns[-1].append(m)
-        return turns
+        return [t for t in turns if isinstance(t[0], AssistantMessage)]
+
+    def _fold(self, turns: list[list[Message]]) -> bool:
+        """Move the first kept turn forward when the kept turns outgrow max_chars: to half of it, at once."""
+        sizes = [sum(message_chars(m) for m in turn) for turn in turns]
+        if sum(sizes[self.first_kept:]) <= self.max_chars:
+            return False
+        kept, used = len(turns), 0
+        while kept > 0 and (len(turns) - kept < self.min_turns or used + sizes[kept - 1] <= self.max_chars // 2):
+            kept -= 1
+            used += sizes[kept]
+        self.first_kept = kept
+        return True
 
     def messages(self) -> list[Message]:
-        turns = [t for t in self._turns() if isinstance(t[0], AssistantMessage)]
-        kept: list[list[Message]] = []
-        used = 0
-        for turn in reversed(turns):
-            size = sum(message_chars(m) for m in turn)
-            if len(kept) >= self.min_turns and used + size > self.max_chars:
-                break
-            kept.insert(0, turn)
-            used += size
-        folded = len(turns) - len(kept)
-        head = f"# Current state\n{self.state()}"
-        if folded:
-            head += f"\n\n({folded} earlier turns are summarised by this state; the trajectory keeps them.)"
-        return [UserMessage(content=head)] + [m for turn in kept for m in turn]
+        turns = self._turns()
+        folded = self._fold(turns)
+        summary = (f"\n\n({self.first_kept} earlier turns are summarised by this state; the trajectory keeps "
+                   "them.)") if self.first_kept else ""
+        if self.brief is None:
+            opening, fresh = OPENING, f"# Current state\n{self.state()}{summary}"
+        else:
+            if self.snapshot is None or folded:
+                self.snapshot = f"# State when the turns below began\n{self.state()}{summary}"
+            opening, fresh = f"{OPENING}\n\n{self.snapshot}", f"# Current state\n{self.brief()}"
+        return ([UserMessage(content=opening)] + [m for turn in turns[self.first_kept:] for m in turn]
+                + [UserMessage(content=fresh, volatile=True)])

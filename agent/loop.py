@@ -13,6 +13,8 @@ import traceback
 from rich.markup import escape
 
 from agent.context import Context
+from agent.model_calls import call_event, turn_line, waiting_for
+from agent.prices import Price
 from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult
 from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
 from budget.models import RunResult, RunStatus
@@ -46,7 +48,7 @@ class CostLimit(LimitReached):
 class AgentLoop:
     def __init__(self, provider: Provider, toolbox: Toolbox, trajectory: Trajectory, context: Context,
                  system: str, approval=None, max_llm_calls: int | None = None, max_cost_usd: float | None = None,
-                 price_per_mtok: tuple[float, float] | None = None, max_malformed: int = 3, run_timeout: float = 210,
+                 price: Price | None = None, max_malformed: int = 3, run_timeout: float = 210,
                  console=None):
         self.provider = provider
         self.tools = toolbox
@@ -56,7 +58,7 @@ class AgentLoop:
         self.approval = approval
         self.max_llm_calls = max_llm_calls
         self.max_cost_usd = max_cost_usd
-        self.price = price_per_mtok
+        self.price = price
         self.max_malformed = max_malformed
         self.run_timeout = run_timeout
         self.console = console  # rich Console for a one-line account of each tool call, or None
@@ -72,20 +74,19 @@ class AgentLoop:
         messages = self.context.messages()
         started = time.monotonic()
         try:
-            reply = self.provider.complete(self.system, messages, TOOL_SPECS)
+            with waiting_for(self.console, self.provider.model):
+                reply = self.provider.complete(self.system, messages, TOOL_SPECS)
         except ProviderError as exc:
             self.trajectory.append(LLMCallEvent(model=self.provider.model, error=str(exc),
                                                 duration_ms=int((time.monotonic() - started) * 1000)))
             raise
         self.llm_calls += 1
-        if self.price:
-            self.cost_usd += (reply.input_tokens * self.price[0] + reply.output_tokens * self.price[1]) / 1e6
-        self.trajectory.append(LLMCallEvent(
-            model=reply.model, input_tokens=reply.input_tokens, output_tokens=reply.output_tokens,
-            duration_ms=reply.duration_ms, response_text=reply.text,
-            metadata={"provider": self.provider.name, "request_chars": reply.request_chars,
-                      "cache_read_tokens": reply.cache_read_tokens, "stop_reason": reply.stop_reason,
-                      "tool_calls": [c.model_dump() for c in reply.tool_calls]}))
+        event = call_event(reply, self.provider.name, self.price,
+                           tool_calls=[c.model_dump() for c in reply.tool_calls])
+        self.cost_usd += event.metadata["cost_usd"] or 0.0
+        self.trajectory.append(event)
+        if self.console is not None:
+            self.console.print(turn_line(reply, event.metadata["cost_usd"]))
         if self.max_cost_usd is not None and self.cost_usd > self.max_cost_usd:
             raise CostLimit(f"--max-cost ${self.max_cost_usd:.2f} exceeded (${self.cost_usd:.2f} spent)")
         return reply

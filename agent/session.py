@@ -7,14 +7,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 from rich.console import Console
 
 from agent.approval import ApprovalGate
 from agent.context import Context
 from agent.loop import AgentLoop, LimitReached
-from agent.providers.base import ProviderError
-from agent.tools import Toolbox, Workspace, run_line
+from agent.model_calls import call_event, preflight, retry_line, totals_line
+from agent.prices import Price, price_for
+from agent.providers.base import ProviderError, Retry
+from agent.providers.options import ModelOptions
+from agent.tools import TOOL_SPECS, Toolbox, Workspace, run_line
 from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
 from logs.export import build_submission
@@ -43,16 +46,11 @@ class SessionSettings(BaseModel):
     approve: Literal["none", "runs", "edits", "all"] = "none"
     max_llm_calls: int | None = Field(None, ge=1)
     max_cost_usd: float | None = Field(None, gt=0)
-    price_per_mtok: tuple[float, float] | None = Field(None, description="USD per million input, output tokens")
-    context_chars: int = Field(40_000, ge=4_000)
+    price_per_mtok: Price | None = Field(None, description="overrides the price table (agent/prices.py)")
+    model_options: ModelOptions = Field(default_factory=ModelOptions)
+    context_chars: int = Field(200_000, ge=4_000, description="kept turns; cached, so a wide window is cheap")
     search_seed: int = 0
     background_runs: bool = Field(True, description="an LLM's submit_run returns at once; results follow (--wait-for-runs: off)")
-
-    @model_validator(mode="after")
-    def _cost_needs_prices(self):
-        if self.max_cost_usd is not None and self.price_per_mtok is None:
-            raise ValueError("--max-cost needs the model's prices: add --price IN,OUT (USD per million tokens)")
-        return self
 
 
 def pick_agent(settings: SessionSettings) -> str:
@@ -66,7 +64,7 @@ def pick_agent(settings: SessionSettings) -> str:
     return "search"
 
 
-def make_researcher(kind: str, settings: SessionSettings):
+def make_researcher(kind: str, settings: SessionSettings, on_retry=None):
     if kind in ("search", "random"):
         from agent.search_agent import SearchResearcher
         return SearchResearcher(settings.session_dir, "random" if kind == "random" else "coordinate",
@@ -77,7 +75,7 @@ def make_researcher(kind: str, settings: SessionSettings):
             raise ProviderError("--agent replay needs the recorded session folder (pgolf-agent replay SESSION)")
         return ReplayProvider(settings.replay_from)
     from agent.providers import make_provider
-    return make_provider(kind, settings.model, settings.base_url)
+    return make_provider(kind, settings.model, settings.base_url, options=settings.model_options, on_retry=on_retry)
 
 
 def hardware(service) -> str:
@@ -95,6 +93,7 @@ class Session:
         self.workspace = Workspace(self.dir)
         self.service = service
         self.stop_reason = ""
+        self.opened = False  # retries are recorded once the trajectory belongs to a started session
 
     # --- set-up ----------------------------------------------------------------
     def _open(self):
@@ -122,6 +121,10 @@ class Session:
                                        hypothesis="reference point for every later run"),
                             wait=True, on_progress=progress)
         self.console.print(run_line(result))
+
+    def brief(self) -> str:
+        """The fresh part of every request: the run table (code and notes are in the snapshot and the turns)."""
+        return "\n".join(["## Runs", *(run_line(r) for r in self.service.runs())])
 
     def state(self) -> str:
         """The compact state always present in a request: run table, notes, best and working code."""
@@ -155,13 +158,26 @@ class Session:
     # --- the session -------------------------------------------------------------
     def run(self) -> str:
         kind = pick_agent(self.settings)
-        researcher = make_researcher(kind, self.settings)  # a missing key fails here, before anything starts
+        researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here
+        try:  # nothing is started, and nothing charged, before the model is known to answer
+            price = price_for(researcher.model, self.settings.price_per_mtok,
+                              needed=self.settings.max_cost_usd is not None and kind in ("anthropic", "openai"))
+            checked = preflight(researcher, TOOL_SPECS, self.settings.model_options.chosen(), self.console)
+        except ProviderError:
+            try:  # leave no folder behind to block a retry (rmdir removes only an empty one)
+                self.dir.rmdir()
+            except OSError:
+                pass
+            raise
         resumed = self._open()
+        self.opened = True
         self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
                            + (" — no API key found, so the offline search agent runs" if
                               self.settings.agent == "auto" and kind == "search" else ""))
         self.trajectory.append(SessionEvent(event="resume" if resumed else "start", detail={
             "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json())}))
+        if checked is not None:
+            self.trajectory.append(call_event(checked, researcher.name, price, preflight=True))
         try:
             self._baseline()
             toolbox = Toolbox(self.workspace, self.service, progress=ProgressPrinter,  # the search agent reads results
@@ -170,11 +186,14 @@ class Session:
             if self.settings.approve != "none":
                 approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
             loop = AgentLoop(researcher, toolbox, self.trajectory,
-                             Context(self.state, max_chars=self.settings.context_chars),
+                             Context(self.state, max_chars=self.settings.context_chars, brief=self.brief),
                              (PROMPTS / "system.txt").read_text() + "\n" + self._task(toolbox.background), approval=approval,
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
-                             price_per_mtok=self.settings.price_per_mtok,
+                             price=price,
                              run_timeout=self.settings.budget.run_timeout_secs, console=self.console)
+            # --max-cost counts what the session already spent: the preflight, and the calls before a resume
+            loop.cost_usd = sum(e.metadata.get("cost_usd") or 0 for e in self.trajectory.events()
+                                if e.type == "llm_call")
             self.stop_reason = loop.run()
         except LimitReached as exc:
             self.stop_reason = str(exc)
@@ -188,6 +207,12 @@ class Session:
             self.trajectory.append(SessionEvent(event="end", detail={"reason": self.stop_reason}))
             self.finish(researcher.model)
         return self.stop_reason
+
+    def _retry(self, retry: Retry) -> None:
+        self.console.print(retry_line(retry))
+        if self.opened:
+            self.trajectory.append(SessionEvent(event="retry", detail={
+                "attempt": retry.attempt, "of": retry.of, "delay_s": round(retry.delay_s, 2), "error": retry.error}))
 
     def _best_code(self) -> str:
         best = self.service.status().best_run_id
@@ -211,7 +236,7 @@ class Session:
         best = (f"{status.best_val_bpb:.4f} (run {status.best_run_id})" if status.best_val_bpb is not None
                 else "none yet (no run was verified)")
         self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\nbest verified val_bpb: {best}\n"
-                           f"session record: {self.dir}")
+                           f"{totals_line(events, runs)}\nsession record: {self.dir}")
 
 
 def new_session_dir(root: Path = Path("sessions")) -> Path:

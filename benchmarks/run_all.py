@@ -23,6 +23,7 @@ BENCHMARKS = {
     "service": ["benchmarks/service.py", "180"],
     "request_size": ["benchmarks/request_size.py"],
     "clock_use": ["benchmarks/clock_use.py", "--runs", "5", "--model-secs", "20", "--time-budget", "30"],
+    "caching": ["benchmarks/caching.py"],
     "research_12x30": ["benchmarks/research.py", "--runs", "12", "--time-budget", "30", "--seeds", "0", "1", "2"],
     "research_50x60": ["benchmarks/research.py", "--runs", "50", "--time-budget", "60", "--seeds", "0",
                        "--strategies", "search"],

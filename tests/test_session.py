@@ -142,11 +142,33 @@ def test_replay_drives_a_recorded_session_again(tmp_path, corpus):
 
 
 def test_max_cost_needs_prices_and_stops_the_session(tmp_path, corpus, monkeypatch):
-    with pytest.raises(ValueError, match="--price"):
-        SessionSettings(session_dir=tmp_path / "x", max_cost_usd=1.0)
     monkeypatch.setenv("OPENAI_API_KEY", "dummy")
     with StubLLMServer(handler=stub_researcher) as stub:
         settings = SessionSettings(session_dir=tmp_path / "s", agent="openai", base_url=stub.openai_base_url,
                                    budget=TINY, max_cost_usd=0.001, price_per_mtok=(1000.0, 1000.0))
         reason = Session(settings).run()
-    assert "--max-cost $0.00 exceeded" in reason and len(stub.requests) == 1
+    assert "--max-cost $0.00 exceeded" in reason and len(stub.requests) == 2  # the preflight, then one turn
+
+
+def test_retries_usage_and_the_preflight_are_recorded(tmp_path, corpus, monkeypatch):
+    """An overloaded server is waited out with a line and a `retry` event; each call's tokens by kind and cost."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "dummy")
+    overloaded = []
+
+    def flaky(request):
+        if len(overloaded) == 0 and request.last_tool_result() is not None:
+            overloaded.append(request)
+            return {"status": 529, "retry_after": "0.2"}
+        return stub_researcher(request)
+
+    with StubLLMServer(handler=flaky) as stub:
+        settings = SessionSettings(session_dir=tmp_path / "s", agent="anthropic", base_url=stub.anthropic_base_url,
+                                   budget=TINY)
+        Session(settings).run()
+    events = read_events(tmp_path / "s" / "trajectory.jsonl")
+    retries = [e for e in events if isinstance(e, SessionEvent) and e.event == "retry"]
+    assert len(retries) == 1 and retries[0].detail["attempt"] == 1 and "529" in retries[0].detail["error"]
+    calls = [e for e in events if isinstance(e, LLMCallEvent)]
+    assert calls[0].metadata["preflight"] and len(calls) == len(stub.requests) - 1  # the 529 is no call
+    assert all(c.metadata["cost_usd"] > 0 for c in calls)  # claude-sonnet-5-5 is in the price table
+    assert sum(c.metadata["cache_read_tokens"] for c in calls[2:]) > 0 < calls[1].metadata["cache_write_tokens"]

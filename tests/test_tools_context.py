@@ -65,8 +65,21 @@ def test_context_stays_bounded_and_keeps_the_latest_turns():
     msgs = ctx.messages()
     size = sum(len(getattr(m, "content", "") or getattr(m, "text", "")) for m in msgs)
     assert size < 6_000
-    assert isinstance(msgs[0], UserMessage) and "earlier turns are summarised" in msgs[0].content
-    assert msgs[-2].text == "turn 199" and isinstance(msgs[1], AssistantMessage)
+    assert isinstance(msgs[0], UserMessage) and isinstance(msgs[1], AssistantMessage)
+    assert msgs[-1].volatile and "earlier turns are summarised" in msgs[-1].content  # the state comes last
+    assert msgs[-3].text == "turn 199"
+
+
+def test_context_folds_in_steps_so_the_prefix_stays_put():
+    ctx = Context(lambda: "run table", max_chars=10_000)
+    prefixes = []
+    for i in range(60):
+        call = ToolCall(id=f"c{i}", name="read_file", arguments={"path": "train.py"}, raw_arguments="{}")
+        ctx.add(AssistantMessage(text=f"turn {i}", tool_calls=[call]))
+        ctx.add(ToolResult(tool_call_id=f"c{i}", name="read_file", content="x" * 900))
+        prefixes.append(ctx.messages()[1].text)  # the first kept turn
+    shifts = sum(a != b for a, b in zip(prefixes, prefixes[1:]))
+    assert 1 <= shifts <= 15  # the oldest turns go a half window at a time, not one per call
 
 
 def test_notice_joins_the_last_tool_result_to_keep_alternation():
@@ -83,3 +96,20 @@ def test_run_table_shows_steps_and_marks_runs_that_shared_the_cores():
     busy = quiet.model_copy(update={"run_id": 4, "total_steps": 1300, "cpu_others": 0.48})
     assert "2500 steps" in run_line(quiet) and "other work" not in run_line(quiet)
     assert "1300 steps [other work took 48% of the cores]" in run_line(busy)
+
+
+def test_with_a_brief_the_snapshot_holds_until_a_fold_and_the_brief_goes_last():
+    calls = []
+    ctx = Context(lambda: f"full state {len(calls)}", max_chars=10_000, brief=lambda: "run table now")
+    openings = []
+    for i in range(30):
+        calls.append(i)
+        call = ToolCall(id=f"c{i}", name="read_file", arguments={"path": "train.py"}, raw_arguments="{}")
+        ctx.add(AssistantMessage(text=f"turn {i}", tool_calls=[call]))
+        ctx.add(ToolResult(tool_call_id=f"c{i}", name="read_file", content="x" * 900))
+        msgs = ctx.messages()
+        openings.append(msgs[0].content)
+        assert msgs[-1].volatile and msgs[-1].content == "# Current state\nrun table now"
+        assert not msgs[0].volatile and "# State when the turns below began\nfull state" in msgs[0].content
+    changes = [i for i in range(1, 30) if openings[i] != openings[i - 1]]
+    assert changes and all(b - a >= 3 for a, b in zip(changes, changes[1:]))  # a new snapshot only at a fold

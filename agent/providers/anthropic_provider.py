@@ -1,4 +1,4 @@
-"""Claude through the Anthropic Messages API: tools, prompt caching, thinking blocks kept."""
+"""Claude through the Anthropic Messages API: tools, prompt caching that hits, thinking blocks kept."""
 from __future__ import annotations
 
 import json
@@ -7,23 +7,31 @@ from typing import Any
 
 import anthropic
 
-from agent.providers.base import (AssistantMessage, Message, ModelReply, NativeBlocks, ProviderError,
-                                  RetryCallback, RetryPolicy, ToolCall, ToolResult, ToolSpec, TransientError,
-                                  UserMessage, error_detail, http_failure, json_size, with_retries)
+from agent.providers.base import (PREFLIGHT_PROMPT, PREFLIGHT_TOKENS, AssistantMessage, Message, ModelReply,
+                                  NativeBlocks, ProviderError, RetryCallback, RetryPolicy, ToolCall, ToolResult,
+                                  ToolSpec, TransientError, UserMessage, error_detail, http_failure, json_size,
+                                  with_retries)
+from agent.providers.options import ModelOptions
 
 KEY_ENV = "ANTHROPIC_API_KEY"
-# A breakpoint caches everything up to and including its block: tools, then system, then the task.
+# A breakpoint caches everything up to and including its block. A request carries at most four:
+# the tools, the system prompt (with the task), the end of the history, and the end of the history
+# the previous request cached, so each request reads its predecessor's prefix however many blocks
+# the last turn added (the API looks back only 20 blocks from a breakpoint on its own).
 CACHE = {"type": "ephemeral"}
 
 
 class AnthropicProvider:
     name = "anthropic"
 
-    def __init__(self, model: str, api_key: str, base_url: str | None = None, *, max_tokens: int = 8192,
+    def __init__(self, model: str, api_key: str, base_url: str | None = None, *, options: ModelOptions | None = None,
                  timeout_s: float = 600.0, retry_budget_s: float = 120.0, retry_base_delay_s: float = 1.0,
                  retry_max_delay_s: float = 30.0, on_retry: RetryCallback | None = None):
         self.model = model
-        self.max_tokens = max_tokens
+        self.options = options or ModelOptions()
+        if self.options.reasoning_effort in ("none", "minimal"):
+            raise ProviderError(f"--reasoning-effort {self.options.reasoning_effort} is not an Anthropic effort: "
+                                "choose low, medium, high, xhigh or max, or leave the flag out", kind="config")
         self.on_retry = on_retry
         self.retry = RetryPolicy(retry_budget_s, retry_base_delay_s, retry_max_delay_s)
         self.endpoint = base_url or "https://api.anthropic.com"
@@ -31,21 +39,32 @@ class AnthropicProvider:
         self._client = anthropic.Anthropic(api_key=api_key, base_url=base_url, max_retries=0, timeout=timeout_s)
 
     def complete(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+        return self._call(self.request(system, messages, tools))
+
+    def check(self, tools: list[ToolSpec]) -> ModelReply:
+        """The cheapest call with the session's settings: a thinking model needs room beyond its budget."""
+        params = self.request("", [UserMessage(content=PREFLIGHT_PROMPT)], tools)
+        params["max_tokens"] = (self.options.thinking_budget or 0) + PREFLIGHT_TOKENS
+        return self._call(params)
+
+    def _call(self, params: dict[str, Any]) -> ModelReply:
         started = time.monotonic()
-        params = self.request(system, messages, tools)
         response = with_retries(lambda: self._send(params), self.retry, self.on_retry)
         return self._reply(response, json_size(params), started)
 
     def request(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
         """The Messages API arguments (sampling parameters are left out: current models reject them)."""
-        params: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens,
+        params: dict[str, Any] = {"model": self.model, "max_tokens": self.options.output_tokens(),
                                   "messages": wire_messages(messages, self.model)}
         if system:
             params["system"] = [{"type": "text", "text": system, "cache_control": CACHE}]
         if tools:
-            params["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters}
-                               for t in tools]
+            params["tools"] = [tool_param(t) for t in tools]
             params["tools"][-1]["cache_control"] = CACHE
+        if self.options.thinking_budget:
+            params["thinking"] = {"type": "enabled", "budget_tokens": self.options.thinking_budget}
+        if self.options.reasoning_effort:
+            params["output_config"] = {"effort": self.options.reasoning_effort}
         return params
 
     def _send(self, params: dict[str, Any]) -> anthropic.types.Message:
@@ -89,6 +108,13 @@ class AnthropicProvider:
             native=NativeBlocks(provider=self.name, model=self.model, blocks=blocks) if thinks else None)
 
 
+def tool_param(t: ToolSpec) -> dict[str, Any]:
+    tool = {"name": t.name, "description": t.description, "input_schema": t.parameters}
+    if getattr(t, "strict", False):
+        tool["strict"] = True
+    return tool
+
+
 def tool_call(call_id: str, name: str, arguments: object) -> ToolCall:
     if isinstance(arguments, dict):
         return ToolCall(id=call_id, name=name, arguments=arguments, raw_arguments=json.dumps(arguments))
@@ -98,19 +124,18 @@ def tool_call(call_id: str, name: str, arguments: object) -> ToolCall:
 
 
 def wire_messages(messages: list[Message], model: str) -> list[dict[str, Any]]:
-    """Provider-neutral messages as Messages API turns.
+    """Provider-neutral messages as Messages API turns, with the history's cache breakpoints.
 
     Consecutive items of one role share a turn, so the tool results answering one assistant turn
-    (and any note after them) go back as a single user message. The first user message, the task,
-    ends the cached prefix.
+    (and the state after them) go back as a single user message. Breakpoints go on the last stable
+    block of the last user turn (this request's history) and of the user turn before it (the
+    previous request's history); a volatile message, rebuilt for each request, is never cached.
     """
     wire: list[dict[str, Any]] = []
-    task_block: dict[str, Any] | None = None
+    stable_ends: list[dict[str, Any]] = []  # per user turn, its last block that is not volatile
     for m in messages:
         if isinstance(m, UserMessage):
             role, blocks = "user", [{"type": "text", "text": m.content}] if m.content else []
-            if task_block is None and blocks:
-                task_block = blocks[0]
         elif isinstance(m, ToolResult):
             role, blocks = "user", [{"type": "tool_result", "tool_use_id": m.tool_call_id, "content": m.content,
                                      "is_error": m.is_error}]
@@ -122,8 +147,13 @@ def wire_messages(messages: list[Message], model: str) -> list[dict[str, Any]]:
             wire[-1]["content"].extend(blocks)
         else:
             wire.append({"role": role, "content": blocks})
-    if task_block is not None:
-        task_block["cache_control"] = CACHE
+            if role == "user":
+                stable_ends.append({})
+        if role == "user" and not getattr(m, "volatile", False):
+            stable_ends[-1] = blocks[-1]
+    for block in stable_ends[-2:]:
+        if block:
+            block["cache_control"] = CACHE
     return wire
 
 

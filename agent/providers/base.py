@@ -46,6 +46,8 @@ class NativeBlocks(BaseModel):
 class UserMessage(BaseModel):
     role: Literal["user"] = "user"
     content: str
+    # Rebuilt for every request (the compact state): providers keep it out of the cached prefix.
+    volatile: bool = False
 
 
 class AssistantMessage(BaseModel):
@@ -92,12 +94,34 @@ class Provider(Protocol):
 
     def complete(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> ModelReply: ...
 
+    # Optional: one cheap real call with the session's settings (see PREFLIGHT_PROMPT); raises ProviderError.
+    # def check(self, tools: list[ToolSpec]) -> ModelReply: ...
+
+
+PREFLIGHT_PROMPT = "Reply with the single word: ready."
+PREFLIGHT_TOKENS = 16  # the smallest reply every API accepts
+
+
+def rejected_settings(exc: ProviderError, chosen: list[str]) -> ProviderError:
+    """A preflight refusal, with the flag it is about when the server names it, else the flags chosen."""
+    if exc.kind != "bad_request" or not chosen:
+        return exc
+    said = str(exc).lower()
+    named = [flag for flag in chosen if any(word in said for word in _FLAG_WORDS[flag.split()[0]])]
+    return ProviderError(f"the model refused {' and '.join(named or chosen)}: {exc}. Choose another value "
+                         "or leave the flag out.", kind="rejected_setting", status=exc.status)
+
+
+_FLAG_WORDS = {"--reasoning-effort": ("effort",), "--thinking-budget": ("thinking", "budget_tokens"),
+               "--max-output-tokens": ("max_tokens", "max_output_tokens", "max_completion_tokens"),
+               "--openai-api": ("/v1/", "responses", "chat/completions", "endpoint")}
+
 
 class ProviderError(Exception):
     """A failure that retrying will not fix; the message names the cause and the fix.
 
     `kind` lets callers react without parsing text: "config", "auth", "permission", "not_found",
-    "context_too_long", "quota", "bad_request", "bad_response", "retry_budget".
+    "context_too_long", "quota", "bad_request", "bad_response", "retry_budget", "rejected_setting".
     """
 
     def __init__(self, message: str, *, kind: str = "bad_request", status: int | None = None):
@@ -118,15 +142,26 @@ class TransientError(Exception):
         self.retry_after_s = retry_after_s
 
 
-RetryCallback = Callable[[int, float, str], None]  # (attempt, delay_s, error_text)
+@dataclass(frozen=True)
+class Retry:
+    """One wait before another attempt: what failed, how long, attempt n of at most m."""
+
+    attempt: int
+    of: int
+    delay_s: float
+    error: str
+
+
+RetryCallback = Callable[[Retry], None]
 T = TypeVar("T")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    budget_s: float = 120.0
+    budget_s: float = 120.0  # total time of the waits and the attempts of one call
     base_delay_s: float = 1.0
     max_delay_s: float = 30.0
+    max_attempts: int = 8
 
     def delay(self, attempt: int, retry_after_s: float | None) -> float:
         if retry_after_s is not None:
@@ -146,14 +181,13 @@ def with_retries(send: Callable[[], T], policy: RetryPolicy, on_retry: RetryCall
             attempt += 1
             delay = policy.delay(attempt, exc.retry_after_s)
             elapsed = time.monotonic() - start
-            if elapsed + delay > policy.budget_s:
+            if elapsed + delay > policy.budget_s or attempt >= policy.max_attempts:
                 raise RetryBudgetExhausted(
-                    f"gave up after {attempt} attempt(s) in {elapsed:.1f}s (retry budget {policy.budget_s:g}s; "
-                    f"next wait would be {delay:.1f}s): {str(exc).rstrip('.')}. Try again later or raise the "
-                    "retry budget.",
-                    kind="retry_budget") from exc
+                    f"gave up after {attempt} attempt(s) in {elapsed:.1f}s (at most {policy.max_attempts} attempts "
+                    f"in {policy.budget_s:g}s; next wait would be {delay:.1f}s): {str(exc).rstrip('.')}. "
+                    "Try again later.", kind="retry_budget") from exc
             if on_retry is not None:
-                on_retry(attempt, delay, str(exc))
+                on_retry(Retry(attempt, policy.max_attempts, delay, str(exc)))
             time.sleep(delay)
 
 
