@@ -13,14 +13,15 @@ from rich.console import Console
 from agent.approval import ApprovalGate
 from agent.context import Context
 from agent.loop import AgentLoop, LimitReached
+from agent.outcome import SessionEnd, StopKind
 from agent.providers.base import ProviderError
 from agent.tools import Toolbox, Workspace, run_line
 from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
-from logs.export import build_submission
+from logs.export import build_submission, session_window
 from logs.methodology import write_methodology
 from logs.plot import plot_svg
-from logs.trajectory import SessionEvent, Trajectory, now_iso
+from logs.trajectory import SessionEvent, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
@@ -52,6 +53,19 @@ class SessionSettings(BaseModel):
         if self.max_cost_usd is not None and self.price_per_mtok is None:
             raise ValueError("--max-cost needs the model's prices: add --price IN,OUT (USD per million tokens)")
         return self
+
+    @classmethod
+    def load(cls, folder: Path) -> "SessionSettings":
+        """A session's settings, for the folder named: a copied or moved session reads and writes only there."""
+        saved = Path(folder) / "settings.json"
+        if not saved.is_file():
+            raise NotASession(f"{folder} is not a session folder (no settings.json); pass the folder a previous "
+                              "`pgolf-agent run` printed")
+        return cls.model_validate_json(saved.read_text()).model_copy(update={"session_dir": Path(folder)})
+
+
+class NotASession(FileNotFoundError):
+    """The folder holds no session."""
 
 
 def pick_agent(settings: SessionSettings) -> str:
@@ -93,20 +107,20 @@ class Session:
         self.trajectory = Trajectory(self.dir / "trajectory.jsonl")
         self.workspace = Workspace(self.dir)
         self.service = service
-        self.stop_reason = ""
+        self.end = SessionEnd(StopKind.error, "the harness stopped without finishing")
 
     # --- set-up ----------------------------------------------------------------
     def _open(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
         settings_file = self.dir / "settings.json"
         resumed = settings_file.exists()
-        if not resumed:
-            settings_file.write_text(self.settings.model_dump_json(indent=1))
         if self.service is None:
             from budget.service import ServiceSettings, TrainingService
             self.service = TrainingService(ServiceSettings(
                 session_dir=self.dir, budget=self.settings.budget, concurrency=self.settings.concurrency,
                 ray_address=self.settings.ray_address, sandbox=self.settings.sandbox))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:  # only once the service runs: a session that could not start does not block a retry
+            settings_file.write_text(self.settings.model_dump_json(indent=1))
         if not self.workspace.train_path.exists():
             self.workspace.write(BASELINE.read_text())
         self.workspace.load_notes()
@@ -151,7 +165,7 @@ class Session:
         return task + "\n\n" + (PROMPTS / "habits.txt").read_text()
 
     # --- the session -------------------------------------------------------------
-    def run(self) -> str:
+    def run(self) -> SessionEnd:
         kind = pick_agent(self.settings)
         researcher = make_researcher(kind, self.settings)  # a missing key fails here, before anything starts
         resumed = self._open()
@@ -172,43 +186,54 @@ class Session:
                              max_llm_calls=self.settings.max_llm_calls, max_cost_usd=self.settings.max_cost_usd,
                              price_per_mtok=self.settings.price_per_mtok,
                              run_timeout=self.settings.budget.run_timeout_secs, console=self.console)
-            self.stop_reason = loop.run()
+            reason = loop.run()
+            self.end = SessionEnd(StopKind.finished if loop.summary else StopKind.budget_spent, reason)
         except LimitReached as exc:
-            self.stop_reason = str(exc)
+            self.end = SessionEnd(StopKind.limit, str(exc))
         except ProviderError as exc:
-            self.stop_reason = f"model provider error: {exc}"
+            self.end = SessionEnd(StopKind.api_failure, f"model provider error: {exc}")
             self.console.print(f"[red]{exc}[/red]")
         except KeyboardInterrupt:
-            self.stop_reason = "interrupted by the user (Ctrl-C); the run in flight was cancelled"
+            self.end = SessionEnd(StopKind.interrupted, "interrupted by the user (Ctrl-C); the run in flight was cancelled")
             self.service.cancel_all()
+        except Exception as exc:
+            self.end = SessionEnd(StopKind.error, f"harness error: {type(exc).__name__}: {exc}")
+            self.console.print_exception()
         finally:
-            self.trajectory.append(SessionEvent(event="end", detail={"reason": self.stop_reason}))
+            self.trajectory.append(SessionEvent(event="end", detail={"reason": self.end.reason,
+                                                                     "kind": self.end.kind.value}))
             self.finish(researcher.model)
-        return self.stop_reason
+        return self.end
 
     def _best_code(self) -> str:
         best = self.service.status().best_run_id
         path = self.dir / "runs" / f"{best:03d}" / "train.py" if best is not None else BASELINE
         return path.read_text()
 
-    def finish(self, model_id: str) -> None:
-        """Write the session record: methodology, best code, plot, export."""
+    def finish(self, model_id: str, submission_path: Path | None = None) -> Path | None:
+        """Write the session record: methodology, best code, plot, and the submission (where there is verified
+        code to submit); returns the submission's path, or None."""
         runs = self.service.runs()
         status = self.service.status()
-        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.stop_reason)
+        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.end.reason)
         (self.dir / "methodology.md").write_text(methodology)
+        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
+        table = "\n".join(run_line(r) for r in runs)
+        self.console.print(f"\n{table}\n\nstopped: {self.end.reason}")
+        if status.best_run_id is None:
+            self.console.print("[yellow]no run was verified[/yellow], so there is no code this session can vouch "
+                               f"for: no submission written (methodology and trajectory are in {self.dir})")
+            return None
         best_code = self._best_code()
         (self.dir / "best_train.py").write_text(best_code)
-        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
         events = self.trajectory.events()
-        started = events[0].ts if events else now_iso()
-        submission = build_submission(best_code, methodology, events, model_id, started, now_iso())
-        (self.dir / "submission.json").write_text(submission.model_dump_json(indent=1))
-        table = "\n".join(run_line(r) for r in runs)
-        best = (f"{status.best_val_bpb:.4f} (run {status.best_run_id})" if status.best_val_bpb is not None
-                else "none yet (no run was verified)")
-        self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\nbest verified val_bpb: {best}\n"
-                           f"session record: {self.dir}")
+        submission = build_submission(best_code, methodology, events, model_id, *session_window(events))
+        path = submission_path or self.dir / "submission.json"
+        path.write_text(submission.to_json())
+        self.console.print(f"best verified val_bpb: {status.best_val_bpb:.4f} (run {status.best_run_id})\n"
+                           f"session record: {self.dir}\nsubmission: {path} ({len(submission.metadata.replay_log)} "
+                           "replay steps)")
+        return path
 
 
 def new_session_dir(root: Path = Path("sessions")) -> Path:
