@@ -14,8 +14,8 @@ import pytest
 
 from agent.outcome import ExitCode
 from tests.test_export import independent_problems
+from trainer import bubblewrap
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 READ_AT_RUN_TIME = ("prompts/*.txt", "trainer/*.py")  # files the code opens by path, beside its modules
 
@@ -33,10 +33,11 @@ def wheel(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def installed(wheel, tmp_path_factory) -> Path:
+def installed(wheel) -> Path:
     """A new virtualenv holding the wheel; its dependencies (torch, ray, ...) are this interpreter's, listed
-    after the venv's own site-packages, so the installed pgolf-agent is the one imported (offline, no download)."""
-    venv = tmp_path_factory.mktemp("venv")
+    after the venv's own site-packages, so the installed pgolf-agent is the one imported (offline, no download).
+    Outside /tmp, which every sandbox replaces with an empty one of its own."""
+    venv = ROOT / "build" / f"test-venv-{os.getpid()}"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--clear", str(venv)], check=True)
     python = venv / "bin" / "python"
     purelib = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -48,7 +49,8 @@ def installed(wheel, tmp_path_factory) -> Path:
     where = subprocess.run([python, "-c", "import agent, prompts; print(agent.__file__)"], cwd=venv,
                            capture_output=True, text=True, check=True).stdout
     assert where.startswith(str(venv)), where
-    return venv
+    yield venv
+    shutil.rmtree(venv)
 
 
 def cli(venv: Path, *args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -68,6 +70,7 @@ def recorded(installed, tmp_path_factory) -> Path:
     return session
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_file_a_session_reads(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     wanted = {str(p.relative_to(ROOT)) for pattern in READ_AT_RUN_TIME for p in ROOT.glob(pattern)}
@@ -75,12 +78,20 @@ def test_the_wheel_holds_every_file_a_session_reads(wheel):
     assert not [n for n in names if n.startswith(("tests/", "benchmarks/", "sessions/"))]
 
 
+@pytest.mark.slow
 def test_installed_package_runs_a_session_and_writes_its_record(recorded):
     for name in ("settings.json", "trajectory.jsonl", "methodology.md", "ledger.sqlite", "work/train.py",
                  "runs/000/result.json"):
         assert (recorded / name).is_file(), name
-    results = [json.loads(p.read_text()) for p in sorted(recorded.glob("runs/*/result.json"))]
-    assert results[0]["description"].startswith("baseline")
+    run0 = json.loads((recorded / "runs" / "000" / "result.json").read_text())
+    assert run0["description"].startswith("baseline")
+    assert run0["status"] in ("completed", "unverified") and run0["total_steps"], run0  # it trained
+
+
+def test_a_python_under_tmp_is_refused_before_any_run(monkeypatch):
+    monkeypatch.setattr(sys, "prefix", "/tmp/somewhere/venv")
+    with pytest.raises(bubblewrap.SandboxUnavailable, match="installed under /tmp/somewhere/venv.*outside those"):
+        bubblewrap.bwrap_path()
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -88,6 +99,7 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_a_moved_or_copied_session_is_exported_and_resumed_where_it_is(installed, recorded, tmp_path):
     before = snapshot(recorded)
     copied = tmp_path / "copied"
