@@ -20,7 +20,7 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
                       model_serializer, model_validator)
 
 MAX_STEPS = 1000
@@ -65,9 +65,13 @@ def _capped(limit: int):
     return check
 
 
+def parse_ts(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+
+
 def _iso_ts(value: str) -> str:
     try:
-        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        when = parse_ts(value)
     except ValueError:
         raise ValueError(f"{value!r} is not an ISO-8601 time; the arena cannot place the step in the match "
                          "window, so it would not verify the log") from None
@@ -79,7 +83,7 @@ def _iso_ts(value: str) -> str:
 
 Number = Annotated[Union[int, float], BeforeValidator(_json_number)]
 Str = Annotated[str, BeforeValidator(_json_string)]
-Timestamp = Annotated[str, BeforeValidator(_json_string), BeforeValidator(_iso_ts)]
+Timestamp = Annotated[Str, AfterValidator(_iso_ts)]
 
 
 def OrAbsent(kind):  # noqa: N802 - reads as a type: `kind`, or no field at all (never null)
@@ -87,11 +91,7 @@ def OrAbsent(kind):  # noqa: N802 - reads as a type: `kind`, or no field at all 
 
 
 def Capped(limit: int):  # noqa: N802
-    return Annotated[str, BeforeValidator(_json_string), BeforeValidator(_capped(limit))]
-
-
-def parse_ts(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    return Annotated[Str, AfterValidator(_capped(limit))]
 
 
 class ArenaModel(BaseModel):
@@ -219,6 +219,10 @@ def _message(error: dict) -> str:
         return "has no `type` ('tool_call' or 'llm_call')"
     if error["type"] == "bool_type":
         return f"must be true or false, not {error['input']!r}"
+    if error["type"] in ("dict_type", "model_type", "model_attributes_type"):
+        return f"must be a JSON object, not {type(error['input']).__name__}"
+    if error["type"] == "list_type":
+        return f"must be a JSON array, not {type(error['input']).__name__}"
     return msg
 
 

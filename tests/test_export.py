@@ -183,6 +183,19 @@ def test_a_hand_broken_export_fails_check_saying_what_is_wrong(exported, tmp_pat
     assert "not a valid submission" in out.err
 
 
+@pytest.mark.parametrize("text, message", [
+    ("[]", "the file: must be a JSON object, not list"),
+    ('{"answer": {"train_code": "x"}, "metadata": []}', "metadata: must be a JSON object, not list"),
+    ('{"answer": {"train_code": "x"}, "metadata": {"replay_log": {}}}', "metadata.replay_log: must be a JSON array"),
+    ('{"answer": {"train_code": "x"}, "metadata": {"replay_log": [7]}}', "metadata.replay_log[0]: must be a JSON object"),
+    ('{"answer": {"train_code": "x"}, "metadata": {"replay_log": [{"type": "tool_call", "ts": 1, "tool": 2, '
+     '"input": null, "duration_ms": true}]}}', "replay_log[0] (tool_call 2 at 1).ts: must be a string, not int"),
+])
+def test_check_reads_any_shape_without_failing_itself(text, message):
+    problems, _, _ = check_submission(text)
+    assert any(message in p for p in problems), problems
+
+
 def test_check_warns_about_what_the_arena_drops_or_scores_low():
     body = {"answer": {"train_code": "print(1)"}, "metadata": {"harness": "x"}, "extra": 1}
     problems, warnings, _ = check_submission(json.dumps(body))
