@@ -166,7 +166,8 @@ def cmd_export(args) -> int:
     session.workspace.load_notes()
     if events and events[-1].event == "end":  # else it was killed: "the harness stopped without finishing"
         detail = events[-1].detail
-        session.end = SessionEnd(StopKind(detail.get("kind", StopKind.error.value)), detail.get("reason", ""))
+        kind = StopKind(detail["kind"]) if detail.get("kind") in {k.value for k in StopKind} else StopKind.error
+        session.end = SessionEnd(kind, detail.get("reason", ""))
     try:
         written = session.finish(starts[0].detail.get("model", "unknown") if starts else "unknown",
                                  Path(args.output) if args.output else None)

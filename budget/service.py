@@ -379,7 +379,7 @@ def probe_ray_address(address: str) -> None:
     """Raise ServiceUnavailable when nothing accepts a connection at a `host:port` (or `ray://host:port`)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
-        return  # "auto" and the like: Ray resolves them itself and fails fast
+        return  # "auto" and the like: Ray finds the address itself
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_SECS).close()
     except OSError as exc:

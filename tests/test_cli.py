@@ -1,12 +1,17 @@
 """The command line's promises: exit codes declared once and documented, and a Ray address that does not answer."""
+import json
+import os
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from agent.cli import build_parser
 from agent.outcome import EXIT_CODES, ExitCode, StopKind, exit_codes_table
+from tests.stub_llm_server import StubLLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,3 +49,31 @@ def test_a_ray_address_where_nothing_answers_fails_fast_and_blocks_no_retry(tmp_
         assert f"nothing answers at the Ray address {address}" in " ".join(done.stderr.split())
         assert "rpc_client" not in done.stderr and "gcs_client" not in done.stderr and "Traceback" not in done.stderr
         assert not session.exists(), f"attempt {attempt} left {list(session.rglob('*'))}"
+
+
+def list_runs_then(step_after_a_tool_result: dict):
+    """A model that lists the runs, then answers `step_after_a_tool_result` once it has seen a tool's result."""
+    def handler(request):
+        if request.last_tool_result() is None:
+            return {"tool_calls": [{"name": "list_runs", "arguments": {}}]}
+        return step_after_a_tool_result
+    return handler
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, step, kind, said", [
+    (["--max-llm-calls", "1"], {"tool_calls": [{"name": "list_runs", "arguments": {}}]}, StopKind.limit,
+     "--max-llm-calls 1 reached"),
+    ([], {"status": 401, "message": "key revoked"}, StopKind.api_failure, "key revoked"),
+])
+def test_a_session_stopped_early_exits_with_its_own_code(tmp_path, corpus, flags, step, kind, said):
+    with StubLLMServer(handler=list_runs_then(step)) as stub:
+        done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--agent", "openai", "--base-url",
+                               stub.openai_base_url, "--budget", "2", "--time-budget", "2", "--hours", "0.2",
+                               "--session", str(tmp_path / "s"), *flags], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OPENAI_API_KEY": "dummy"})
+    assert done.returncode == EXIT_CODES[kind], done.stdout[-2000:] + done.stderr[-2000:]
+    assert said in " ".join(done.stdout.split())
+    end = [json.loads(line) for line in (tmp_path / "s" / "trajectory.jsonl").read_text().splitlines()][-1]
+    assert end["event"] == "end" and end["detail"]["kind"] == kind.value
+    assert (tmp_path / "s" / "methodology.md").is_file()  # the record is written however it stopped
