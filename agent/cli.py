@@ -7,10 +7,13 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-console = Console(stderr=False)
-err = Console(stderr=True)
+from agent.outcome import ExitCode, exit_codes_help
+
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def cmd_data(args) -> int:
@@ -20,7 +23,7 @@ def cmd_data(args) -> int:
         corpus = ensure_corpus(local_file=args.corpus, cache_dir=args.cache_dir, edition=args.corpus_edition)
     except CorpusError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        return 2
+        return ExitCode.SETUP
     table = Table(title="Shakespeare corpus", show_header=False)
     for key, value in (
         ("edition", corpus.edition), ("source", corpus.source), ("path", str(corpus.text_path)),
@@ -47,7 +50,7 @@ def cmd_doctor(args) -> int:
     failed = [c for c in checks if c.required and not c.ok]
     if failed:
         err.print(f"[red]{len(failed)} problem(s)[/red]: " + "; ".join(f"{c.name}: {c.fix}" for c in failed))
-    return 1 if failed else 0
+    return ExitCode.SETUP if failed else ExitCode.OK
 
 
 ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is absent
@@ -107,83 +110,120 @@ def session_settings(args, session_dir):
 def cmd_run(args) -> int:
     from pydantic import ValidationError
 
-    from agent.session import Session, SessionSettings, new_session_dir
+    from agent.session import NotASession, Session, SessionSettings, new_session_dir
 
     if args.resume:
         session_dir = Path(args.resume)
-        saved = session_dir / "settings.json"
-        if not saved.exists():
-            err.print(f"[red]error:[/red] {session_dir} is not a session folder (no settings.json); "
-                      "pass the folder a previous `pgolf-agent run` printed")
-            return 2
-        settings = SessionSettings.model_validate_json(saved.read_text())
+        try:
+            settings = SessionSettings.load(session_dir)
+        except NotASession as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            return ExitCode.SETUP
     else:
         session_dir = Path(args.session) if args.session else new_session_dir(Path(os.environ.get("PGOLF_SESSIONS_DIR", "sessions")))
         if (session_dir / "settings.json").exists():
             err.print(f"[red]error:[/red] {session_dir} already holds a session; continue it with --resume {session_dir}")
-            return 2
+            return ExitCode.SETUP
         try:
             settings = session_settings(args, session_dir)
         except ValidationError as exc:
             err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
-            return 2
+            return ExitCode.SETUP
     from trainer.corpus import CorpusError, ensure_corpus
     try:
         ensure_corpus()
     except CorpusError as exc:
         err.print(f"[red]error:[/red] {exc}")
-        return 2
+        return ExitCode.SETUP
     from agent.providers.base import ProviderError
     from budget.ledger import SessionLocked
     from budget.service import ServiceUnavailable
 
     console.print(f"session: {session_dir}")
     try:
-        Session(settings, console).run()
+        end = Session(settings, console).run()
     except (ProviderError, SessionLocked, ServiceUnavailable) as exc:  # before any run: nothing is lost
-        err.print(f"[red]error:[/red] {exc}")
-        return 2
-    return 0
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        return ExitCode.SETUP
+    return end.exit_code
 
 
 def cmd_replay(args) -> int:
     args.agent, args.replay_from, args.resume = "replay", Path(args.source), None
     if not (args.replay_from / "trajectory.jsonl").exists():
         err.print(f"[red]error:[/red] {args.replay_from} has no trajectory.jsonl to replay")
-        return 2
+        return ExitCode.SETUP
     if args.budget is None:  # replay under the recorded session's budget unless told otherwise
-        from agent.session import SessionSettings
-        saved = SessionSettings.model_validate_json((args.replay_from / "settings.json").read_text())
-        b = saved.budget
+        from agent.session import NotASession, SessionSettings
+        try:
+            b = SessionSettings.load(args.replay_from).budget
+        except NotASession as exc:
+            err.print(f"[red]error:[/red] {exc}")
+            return ExitCode.SETUP
         args.budget, args.hours = b.max_runs, b.session_secs / 3600
         args.time_budget, args.timeout = args.time_budget or b.time_budget_secs, args.timeout or b.run_timeout_secs
     return cmd_run(args)
 
 
 def cmd_export(args) -> int:
-    """Rebuild a session's record (also one whose harness was killed) from its ledger and trajectory."""
-    from agent.session import Session, SessionSettings
+    """Rebuild a session's record (also one whose harness was killed) from its ledger and trajectory,
+    or, with --check, say whether a submission file is one the arena accepts and verifies."""
+    if args.check:
+        return check_file(Path(args.check))
+    if not args.session:
+        err.print("[red]error:[/red] name the session folder to export, or --check FILE to check a submission")
+        return ExitCode.SETUP
+    from agent.outcome import SessionEnd, StopKind
+    from agent.session import NotASession, Session, SessionSettings
     from budget.ledger import Ledger, SessionNotFound
     from logs.trajectory import SessionEvent, read_events
 
     session_dir = Path(args.session)
     try:
-        settings = SessionSettings.model_validate_json((session_dir / "settings.json").read_text())
+        settings = SessionSettings.load(session_dir)
         ledger = Ledger.open(session_dir, exclusive=False)
-    except (FileNotFoundError, SessionNotFound):
-        err.print(f"[red]error:[/red] {session_dir} is not a session folder (no settings.json or ledger)")
-        return 2
+    except (NotASession, SessionNotFound) as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return ExitCode.SETUP
     events = [e for e in read_events(session_dir / "trajectory.jsonl") if isinstance(e, SessionEvent)]
     starts = [e for e in events if e.event == "start"]
-    ends = [e for e in events if e.event == "end"]
     session = Session(settings, console, service=ledger)
     session.workspace.load_notes()
-    session.stop_reason = ends[-1].detail.get("reason", "") if ends else "the harness stopped without finishing"
+    if events and events[-1].event == "end":  # else it was killed: "the harness stopped without finishing"
+        detail = events[-1].detail
+        kind = StopKind(detail["kind"]) if detail.get("kind") in {k.value for k in StopKind} else StopKind.error
+        session.end = SessionEnd(kind, detail.get("reason", ""))
     try:
-        session.finish(starts[0].detail.get("model", "unknown") if starts else "unknown")
+        written = session.finish(starts[0].detail.get("model", "unknown") if starts else "unknown",
+                                 Path(args.output) if args.output else None)
     finally:
         ledger.close()
-    return 0
+    if written is None:
+        return ExitCode.INVALID
+    return check_file(written)
+
+
+def check_file(path: Path) -> int:
+    """`export --check`: every problem and warning of a submission file, each with its place."""
+    from logs.arena import check_submission
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        err.print(f"[red]error:[/red] cannot read {path}: {exc}")
+        return ExitCode.SETUP
+    problems, warnings, submission = check_submission(text)
+    for problem in problems:
+        console.print(f"[red]problem[/red] {escape(problem)}")
+    for warning in warnings:
+        console.print(f"[yellow]warning[/yellow] {escape(warning)}")
+    if problems:
+        err.print(f"[red]{path}: not a valid submission[/red] ({len(problems)} problem(s))")
+        return ExitCode.INVALID
+    steps = len(submission.metadata.replay_log or []) if submission.metadata else 0
+    console.print(f"[green]{path}: a valid submission[/green] (train_code {len(submission.answer.train_code):,} "
+                  f"characters, {steps} replay steps)")
+    return ExitCode.OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pgolf-agent",
         description="An autoresearch harness: an agent improves a byte-level GPT on Shakespeare "
                     "under a budget of sandboxed, verified training runs.",
+        epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -222,7 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="model prices in USD per million tokens: input, output; or input, cache write, cache "
                             "read, output (with 2 numbers cached tokens cost the input price); overrides the table")
 
-    p = sub.add_parser("run", help="run a research session: baseline, then the agent until the budget is spent")
+    p = sub.add_parser("run", help="run a research session: baseline, then the agent until the budget is spent",
+                       epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     session_args(p)
     p.add_argument("--agent", choices=["auto", "anthropic", "openai", "search", "random"],
                    help="researcher (default auto: Anthropic key > OpenAI key/base URL > offline search)")
@@ -237,8 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     session_args(p)
     p.set_defaults(func=cmd_replay, model=None, base_url=None)
 
-    p = sub.add_parser("export", help="rebuild a session's methodology, best code, plot and submission.json")
-    p.add_argument("session", help="the session folder")
+    p = sub.add_parser("export", help="rebuild a session's record and its arena submission, or check a submission file",
+                       epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("session", nargs="?", help="the session folder (it is read and written there only)")
+    p.add_argument("-o", "--output", metavar="FILE", help="where to write the submission (default SESSION/submission.json)")
+    p.add_argument("--check", metavar="FILE", help="check a submission file (any harness's) against the arena's schema")
     p.set_defaults(func=cmd_export)
 
     from budget.cli import add_commands
@@ -254,12 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 0
+        return ExitCode.OK
     try:
-        return args.func(args) or 0
+        return args.func(args) or ExitCode.OK
     except KeyboardInterrupt:
         err.print("interrupted")
-        return 130
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -14,16 +14,17 @@ from agent.approval import ApprovalGate
 from agent.context import Context
 from agent.loop import AgentLoop, LimitReached
 from agent.model_calls import call_event, preflight, retry_line, totals_line
+from agent.outcome import SessionEnd, StopKind
 from agent.prices import Price, price_for
 from agent.providers.base import ProviderError, Retry
 from agent.providers.options import ModelOptions
 from agent.tools import TOOL_SPECS, Toolbox, Workspace, run_line
 from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
-from logs.export import build_submission
+from logs.export import build_submission, session_window
 from logs.methodology import write_methodology
 from logs.plot import plot_svg
-from logs.trajectory import SessionEvent, Trajectory, now_iso
+from logs.trajectory import SessionEvent, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ROOT / "prompts"
@@ -51,6 +52,19 @@ class SessionSettings(BaseModel):
     context_chars: int = Field(200_000, ge=4_000, description="kept turns; cached, so a wide window is cheap")
     search_seed: int = 0
     background_runs: bool = Field(True, description="an LLM's submit_run returns at once; results follow (--wait-for-runs: off)")
+
+    @classmethod
+    def load(cls, folder: Path) -> "SessionSettings":
+        """A session's settings, for the folder named: a copied or moved session reads and writes only there."""
+        saved = Path(folder) / "settings.json"
+        if not saved.is_file():
+            raise NotASession(f"{folder} is not a session folder (no settings.json); pass the folder a previous "
+                              "`pgolf-agent run` printed")
+        return cls.model_validate_json(saved.read_text()).model_copy(update={"session_dir": Path(folder)})
+
+
+class NotASession(FileNotFoundError):
+    """The folder holds no session."""
 
 
 def pick_agent(settings: SessionSettings) -> str:
@@ -92,21 +106,21 @@ class Session:
         self.trajectory = Trajectory(self.dir / "trajectory.jsonl")
         self.workspace = Workspace(self.dir)
         self.service = service
-        self.stop_reason = ""
+        self.end = SessionEnd(StopKind.error, "the harness stopped without finishing")
         self.opened = False  # retries are recorded once the trajectory belongs to a started session
 
     # --- set-up ----------------------------------------------------------------
     def _open(self):
-        self.dir.mkdir(parents=True, exist_ok=True)
         settings_file = self.dir / "settings.json"
         resumed = settings_file.exists()
-        if not resumed:
-            settings_file.write_text(self.settings.model_dump_json(indent=1))
         if self.service is None:
             from budget.service import ServiceSettings, TrainingService
             self.service = TrainingService(ServiceSettings(
                 session_dir=self.dir, budget=self.settings.budget, concurrency=self.settings.concurrency,
                 ray_address=self.settings.ray_address, sandbox=self.settings.sandbox))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        if not resumed:  # only once the service runs: a session that could not start does not block a retry
+            settings_file.write_text(self.settings.model_dump_json(indent=1))
         if not self.workspace.train_path.exists():
             self.workspace.write(BASELINE.read_text())
         self.workspace.load_notes()
@@ -156,7 +170,7 @@ class Session:
         return task + "\n\n" + (PROMPTS / "habits.txt").read_text()
 
     # --- the session -------------------------------------------------------------
-    def run(self) -> str:
+    def run(self) -> SessionEnd:
         kind = pick_agent(self.settings)
         researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here
         try:  # nothing is started, and nothing charged, before the model is known to answer
@@ -194,19 +208,24 @@ class Session:
             # --max-cost counts what the session already spent: the preflight, and the calls before a resume
             loop.cost_usd = sum(e.metadata.get("cost_usd") or 0 for e in self.trajectory.events()
                                 if e.type == "llm_call")
-            self.stop_reason = loop.run()
+            reason = loop.run()
+            self.end = SessionEnd(StopKind.finished if loop.summary else StopKind.budget_spent, reason)
         except LimitReached as exc:
-            self.stop_reason = str(exc)
+            self.end = SessionEnd(StopKind.limit, str(exc))
         except ProviderError as exc:
-            self.stop_reason = f"model provider error: {exc}"
+            self.end = SessionEnd(StopKind.api_failure, f"model provider error: {exc}")
             self.console.print(f"[red]{exc}[/red]")
         except KeyboardInterrupt:
-            self.stop_reason = "interrupted by the user (Ctrl-C); the run in flight was cancelled"
+            self.end = SessionEnd(StopKind.interrupted, "interrupted by the user (Ctrl-C); the run in flight was cancelled")
             self.service.cancel_all()
+        except Exception as exc:
+            self.end = SessionEnd(StopKind.error, f"harness error: {type(exc).__name__}: {exc}")
+            self.console.print_exception()
         finally:
-            self.trajectory.append(SessionEvent(event="end", detail={"reason": self.stop_reason}))
+            self.trajectory.append(SessionEvent(event="end", detail={"reason": self.end.reason,
+                                                                     "kind": self.end.kind.value}))
             self.finish(researcher.model)
-        return self.stop_reason
+        return self.end
 
     def _retry(self, retry: Retry) -> None:
         self.console.print(retry_line(retry))
@@ -219,24 +238,30 @@ class Session:
         path = self.dir / "runs" / f"{best:03d}" / "train.py" if best is not None else BASELINE
         return path.read_text()
 
-    def finish(self, model_id: str) -> None:
-        """Write the session record: methodology, best code, plot, export."""
+    def finish(self, model_id: str, submission_path: Path | None = None) -> Path | None:
+        """Write the session record: methodology, best code, plot, and the submission (where there is verified
+        code to submit); returns the submission's path, or None."""
         runs = self.service.runs()
         status = self.service.status()
-        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.stop_reason)
+        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.end.reason)
         (self.dir / "methodology.md").write_text(methodology)
+        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
+        table = "\n".join(run_line(r) for r in runs)
+        self.console.print(f"\n{table}\n\nstopped: {self.end.reason}\n{totals_line(self.trajectory.events(), runs)}")
+        if status.best_run_id is None:
+            self.console.print("[yellow]no run was verified[/yellow], so there is no code this session can vouch "
+                               f"for: no submission written (methodology and trajectory are in {self.dir})")
+            return None
         best_code = self._best_code()
         (self.dir / "best_train.py").write_text(best_code)
-        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
         events = self.trajectory.events()
-        started = events[0].ts if events else now_iso()
-        submission = build_submission(best_code, methodology, events, model_id, started, now_iso())
-        (self.dir / "submission.json").write_text(submission.model_dump_json(indent=1))
-        table = "\n".join(run_line(r) for r in runs)
-        best = (f"{status.best_val_bpb:.4f} (run {status.best_run_id})" if status.best_val_bpb is not None
-                else "none yet (no run was verified)")
-        self.console.print(f"\n{table}\n\nstopped: {self.stop_reason}\nbest verified val_bpb: {best}\n"
-                           f"{totals_line(events, runs)}\nsession record: {self.dir}")
+        submission = build_submission(best_code, methodology, events, model_id, *session_window(events))
+        path = submission_path or self.dir / "submission.json"
+        path.write_text(submission.to_json())
+        self.console.print(f"best verified val_bpb: {status.best_val_bpb:.4f} (run {status.best_run_id})\n"
+                           f"session record: {self.dir}\nsubmission: {path} ({len(submission.metadata.replay_log)} "
+                           "replay steps)")
+        return path
 
 
 def new_session_dir(root: Path = Path("sessions")) -> Path:

@@ -1,12 +1,11 @@
 """`pgolf-agent submit FILE` and `pgolf-agent service status`: one run through the training service,
 and a session's budget and runs. Tables on a terminal, plain `key: value` / tab-separated lines otherwise.
 
-Exit codes: 0 a verified run (or status shown), 1 a run that was charged but did not verify
-(crashed, timeout, unverified), 2 nothing ran (bad file, refused, budget spent, session locked),
-130 interrupted by Ctrl-C (the run in flight is recorded `interrupted`).
+Exit codes: agent/outcome.py (OK, NOT_VERIFIED, SETUP, INTERRUPTED for `submit`).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from agent.outcome import ExitCode, exit_codes_help
 from budget.models import Budget, BudgetStatus, RunProgress, RunRefused, RunRequest, RunResult, RunStatus, ServiceSettings
 
 DEFAULT_SESSION = Path("sessions") / "manual"
@@ -30,7 +30,8 @@ err = Console(stderr=True, soft_wrap=True)
 
 def add_commands(subparsers) -> None:
     """Add `submit` and `service status` to the `pgolf-agent` sub-command parsers."""
-    p = subparsers.add_parser("submit", help="run one train.py through the training service and print its result")
+    p = subparsers.add_parser("submit", help="run one train.py through the training service and print its result",
+                              epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("file", metavar="FILE", help="the train.py to run")
     p.add_argument("--session", default=str(DEFAULT_SESSION), metavar="DIR",
                    help=f"session folder: its ledger, budget and runs (default ./{DEFAULT_SESSION})")
@@ -59,7 +60,7 @@ def add_commands(subparsers) -> None:
     p.set_defaults(func=cmd_service_status)
 
 
-def fail(message: str, code: int = 2) -> int:
+def fail(message: str, code: ExitCode = ExitCode.SETUP) -> ExitCode:
     err.print(f"[red]error:[/red] {escape(message)}")
     return code
 
@@ -94,7 +95,7 @@ def print_refusal(exc: RunRefused, as_json: bool) -> int:
         out.print_json(json.dumps({"refused": exc.refusal.model_dump()}))
     else:
         err.print(f"[red]refused ({exc.code}):[/red] {escape(str(exc))}")
-    return 2
+    return ExitCode.SETUP
 
 
 def clock(secs: float | None) -> str:
@@ -206,14 +207,14 @@ def cmd_submit(args) -> int:
         return fail(str(exc))
     except KeyboardInterrupt:
         err.print("interrupted: a run in flight was stopped and recorded as interrupted (charged)")
-        return 130
+        return ExitCode.INTERRUPTED
     if args.json:
         print(result.model_dump_json(indent=2))
     else:
         print_result(result, run_dir_of(settings.session_dir.expanduser().absolute(), result.run_id))
     if not result.sandboxed:
         err.print("[yellow]warning:[/yellow] this run was not sandboxed")
-    return 0 if result.counts_as_best else 1
+    return ExitCode.OK if result.counts_as_best else ExitCode.NOT_VERIFIED
 
 
 def status_lines(s: BudgetStatus) -> list[tuple[str, str]]:

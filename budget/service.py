@@ -29,7 +29,9 @@ every node needs pgolf-agent installed and the session directory at the same pat
 filesystem). Ray turns token auth on by default (local clusters since 2.59), and a client that
 joins by address only sends the token when RAY_AUTH_MODE=token, so the service sets that unless
 you set RAY_AUTH_MODE yourself (=disabled for a cluster started without auth). The token comes
-from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token`).
+from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token (`ray get-auth-token`). Before Ray tries an
+address (it would retry for many minutes, printing warnings), the service checks within RAY_PROBE_SECS
+that something answers there, and stops with an error saying so when nothing does.
 """
 from __future__ import annotations
 
@@ -37,6 +39,7 @@ import asyncio
 import errno
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -64,6 +67,7 @@ POLL_SECS = 1.0           # how often a run task asks whether its run should sto
 STOP_GRACE_SECS = 20.0    # after this, a run that ignores its stop flag is killed with its worker
 SUPERVISE_MARGIN_SECS = 120.0  # beyond the run timeout, for worker start-up and evaluation
 PROGRESS_SECS = 1.0       # how often a waiting caller gets a RunProgress
+RAY_PROBE_SECS = 5.0      # for a Ray cluster's address to accept a connection
 RUNS_DIR = "runs"
 
 log = logging.getLogger(__name__)
@@ -404,6 +408,20 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def probe_ray_address(address: str) -> None:
+    """Raise ServiceUnavailable when nothing accepts a connection at a `host:port` (or `ray://host:port`)."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray finds the address itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_SECS).close()
+    except OSError as exc:
+        raise ServiceUnavailable(
+            f"nothing answers at the Ray address {address} ({exc.strerror or exc}): start a cluster there "
+            f"(`ray start --head --port {port}`), or leave out --ray-address and RAY_ADDRESS to let the session "
+            "start a Ray of its own") from None
+
+
 def _unwrap(ref):
     """ray.get, raising the service's own exceptions (RunRefused, SessionLocked, ...) as themselves."""
     try:
@@ -482,7 +500,11 @@ class TrainingService:
             ray._raylet.Config.initialize("")  # Ray reads its config once, at import; re-read it as ray.init does
         quiet = {"logging_level": logging.WARNING, "log_to_driver": False}
         if address:
-            ray.init(address=address, **quiet)
+            probe_ray_address(address)
+            try:
+                ray.init(address=address, **quiet)
+            except ConnectionError as exc:
+                raise ServiceUnavailable(f"cannot join the Ray cluster at {address}: {exc}") from None
         else:
             before = _children(os.getpid())
             # "local": a new Ray of our own, even when another cluster runs on this machine

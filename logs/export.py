@@ -1,118 +1,118 @@
-"""The submission export: train_code, methodology and the reference service's metadata with replay_log."""
+"""The submission export: the best verified code, the methodology, and the trajectory as the arena's replay_log.
+
+Each trajectory step becomes one arena step: a tool call keeps its input and output (a failed call
+carries `error: true` and its error message as the output), a model call its tokens, duration and reply.
+Texts over the arena's caps are cut in the middle, with a marker saying how long they were.
+
+Condensing, when the session made more than 1000 steps (documented in the README):
+1. every run step is kept: each call of `submit_run` and each step whose output holds a run's result
+   record (the JSON with its `run_id` and `val_bpb` that a run's tools return);
+2. the slots left go to the other steps, half to the earliest and half to the latest, so the start of
+   the method and its conclusion both remain;
+3. a step that follows dropped steps says how many in its metadata (`steps_omitted_before`).
+Steps stay in their order, and only steps inside the session window are exported.
+"""
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Annotated, Any, Literal, Union
+import re
 
-from pydantic import BaseModel, Field, field_validator
+from logs.arena import (MAX_IO_CHARS, MAX_RESPONSE_CHARS, MAX_STEPS, Answer, LLMCallStep, Metadata, Submission,
+                        ToolCallStep, js_length, parse_ts)
+from logs.trajectory import LLMCallEvent, ToolCallEvent, now_iso
 
-from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent
-
-MAX_STEPS = 1000
-MAX_IO_CHARS = 5000
-MAX_RESPONSE_CHARS = 50000
 HARNESS_ID = "pgolf-agent"
+RUN_SUBMISSION_TOOL = "submit_run"
+RUN_RECORD = re.compile(r'"run_id":\s*\d+.*?"val_bpb":', re.S)
+LLM_METADATA = ("provider", "request_chars", "cache_read_tokens", "cache_write_tokens", "stop_reason")
+
+
+def _prefix(text: str, units: int) -> str:
+    """The longest start of text that is at most `units` UTF-16 code units long (a pair cut in two is dropped)."""
+    return text.encode("utf-16-le", "surrogatepass")[: 2 * units].decode("utf-16-le", "ignore")
 
 
 def clip(text: str | None, limit: int) -> str | None:
-    if text is None or len(text) <= limit:
+    """Text within `limit` (as the arena counts), its middle cut out and marked."""
+    if text is None or js_length(text) <= limit:
         return text
-    marker = f"...[{len(text) - limit + 40} chars cut]..."
+    marker = f"\n...[cut: {js_length(text):,} characters in all, {limit:,} kept]...\n"
     keep = limit - len(marker)
-    return text[: keep // 2] + marker + text[len(text) - (keep - keep // 2):]
+    return _prefix(text, keep // 2) + marker + _prefix(text[::-1], keep - keep // 2)[::-1]
 
 
-class ToolCallStep(BaseModel):
-    type: Literal["tool_call"] = "tool_call"
-    ts: str
-    tool: str
-    input: str = Field(max_length=MAX_IO_CHARS)
-    output: str | None = Field(None, max_length=MAX_IO_CHARS)
-    duration_ms: int = Field(ge=0)
-    error: str | None = None
-    metadata: dict[str, Any] | None = None
+def present(**fields) -> dict:
+    """The fields that have a value: the arena takes an optional field absent, never null."""
+    return {key: value for key, value in fields.items() if value is not None}
 
 
-class LLMCallStep(BaseModel):
-    type: Literal["llm_call"] = "llm_call"
-    ts: str
-    model: str
-    input_tokens: int = Field(ge=0)
-    output_tokens: int = Field(ge=0)
-    duration_ms: int = Field(ge=0)
-    response_text: str | None = Field(None, max_length=MAX_RESPONSE_CHARS)
-    error: str | None = None
-    metadata: dict[str, Any] | None = None
+def to_step(event: ToolCallEvent | LLMCallEvent) -> ToolCallStep | LLMCallStep:
+    if isinstance(event, ToolCallEvent):
+        meta = {k: v for k, v in event.metadata.items() if k != "full"}
+        return ToolCallStep(**present(
+            ts=event.ts, tool=event.tool, input=clip(event.input, MAX_IO_CHARS),
+            output=clip(event.error if event.error else event.output, MAX_IO_CHARS),
+            duration_ms=max(0, event.duration_ms), error=event.error is not None, metadata=meta or None))
+    meta = {k: event.metadata[k] for k in LLM_METADATA if event.metadata.get(k) is not None}
+    if event.error:
+        meta["error_message"] = clip(event.error, MAX_IO_CHARS)
+    return LLMCallStep(**present(
+        ts=event.ts, model=event.model, input_tokens=event.input_tokens, output_tokens=event.output_tokens,
+        duration_ms=max(0, event.duration_ms), error=event.error is not None,
+        response_text=clip(event.response_text, MAX_RESPONSE_CHARS), metadata=meta or None))
 
 
-Step = Annotated[Union[ToolCallStep, LLMCallStep], Field(discriminator="type")]
+def is_run_step(step: ToolCallStep | LLMCallStep) -> bool:
+    """A run submitted, or a run's result handed back."""
+    return step.type == "tool_call" and (step.tool == RUN_SUBMISSION_TOOL or bool(RUN_RECORD.search(step.output or "")))
 
 
-class SubmissionMetadata(BaseModel):
-    token_count: int
-    tool_call_count: int
-    model_id: str
-    harness_id: str = HARNESS_ID
-    wall_clock_secs: float
-    replay_log: list[Step] = Field(max_length=MAX_STEPS)
+def condense(steps: list, limit: int = MAX_STEPS) -> list:
+    """At most `limit` steps by the rule in this module's docstring."""
+    if len(steps) <= limit:
+        return steps
+    runs = [i for i, s in enumerate(steps) if is_run_step(s)]
+    if len(runs) > limit:  # more run steps than the arena takes: the earliest and the latest of them
+        runs = runs[: limit // 2] + runs[len(runs) - (limit - limit // 2):]
+    others = [i for i, s in enumerate(steps) if not is_run_step(s)]
+    room = limit - len(runs)
+    head = room - room // 2
+    kept = sorted(runs + others[:head] + others[len(others) - (room - head):] if room else runs)
+    out, previous = [], -1
+    for i in kept:
+        step = steps[i]
+        if i > previous + 1:
+            step = step.model_copy(update={"metadata": {**(step.metadata or {}), "steps_omitted_before": i - previous - 1}})
+        out.append(step)
+        previous = i
+    return out
 
 
-class Submission(BaseModel):
-    train_code: str
-    methodology: str
-    metadata: SubmissionMetadata
-
-    @field_validator("train_code")
-    @classmethod
-    def _code_present(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("train_code is empty")
-        return v
+def replay_log(events, started: str, ended: str) -> list[ToolCallStep | LLMCallStep]:
+    """The trajectory's model and tool calls inside the session window, as at most MAX_STEPS arena steps."""
+    lo, hi = parse_ts(started), parse_ts(ended)
+    steps = [to_step(e) for e in events
+             if isinstance(e, (ToolCallEvent, LLMCallEvent)) and lo <= parse_ts(e.ts) <= hi]
+    return condense(steps)
 
 
-def _ts(ts: str) -> datetime:
-    return datetime.fromisoformat(ts.replace("Z", "+00:00"))
+def session_window(events) -> tuple[str, str]:
+    """From the first recorded event to the last (a killed session's window ends where its record does)."""
+    if not events:
+        return now_iso(), now_iso()
+    times = sorted((e.ts for e in events), key=parse_ts)
+    return times[0], times[-1]
 
 
-def replay_log(events, started: str, ended: str) -> list[Step]:
-    """The trajectory as at most MAX_STEPS reference steps inside the session window.
-
-    When there are more steps, the first and the last are kept and the middle
-    is dropped, so the start of the method and its conclusion both remain.
-    """
-    lo, hi = _ts(started), _ts(ended)
-    steps: list[Step] = []
-    for e in events:
-        if isinstance(e, SessionEvent) or not lo <= _ts(e.ts) <= hi:
-            continue
-        if isinstance(e, ToolCallEvent):
-            steps.append(ToolCallStep(ts=e.ts, tool=e.tool, input=clip(e.input, MAX_IO_CHARS) or "",
-                                      output=clip(e.output, MAX_IO_CHARS), duration_ms=max(0, e.duration_ms),
-                                      error=e.error, metadata={k: v for k, v in e.metadata.items() if k != "full"}))
-        elif isinstance(e, LLMCallEvent):
-            meta = {k: v for k, v in e.metadata.items() if k in ("request_chars", "cache_read_tokens", "provider")}
-            steps.append(LLMCallStep(ts=e.ts, model=e.model, input_tokens=e.input_tokens,
-                                     output_tokens=e.output_tokens, duration_ms=max(0, e.duration_ms),
-                                     response_text=clip(e.response_text, MAX_RESPONSE_CHARS), error=e.error,
-                                     metadata=meta or None))
-    if len(steps) > MAX_STEPS:
-        head = MAX_STEPS // 2
-        steps = steps[:head] + steps[len(steps) - (MAX_STEPS - head):]
-    return steps
-
-
-def build_submission(train_code: str, methodology: str, events, model_id: str,
-                     started: str, ended: str) -> Submission:
+def build_submission(train_code: str, methodology: str, events, model_id: str, started: str, ended: str) -> Submission:
     llm = [e for e in events if isinstance(e, LLMCallEvent)]
-    tools = [e for e in events if isinstance(e, ToolCallEvent)]
     return Submission(
-        train_code=train_code,
-        methodology=methodology,
-        metadata=SubmissionMetadata(
+        answer=Answer(train_code=train_code, methodology=methodology),
+        metadata=Metadata(
             token_count=sum(e.input_tokens + e.output_tokens for e in llm),
-            tool_call_count=len(tools),
+            tool_call_count=sum(isinstance(e, ToolCallEvent) for e in events),
             model_id=model_id,
-            wall_clock_secs=round((_ts(ended) - _ts(started)).total_seconds(), 3),
+            harness_id=HARNESS_ID,
+            wall_clock_secs=round((parse_ts(ended) - parse_ts(started)).total_seconds(), 3),
             replay_log=replay_log(events, started, ended),
         ),
     )

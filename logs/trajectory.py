@@ -59,10 +59,10 @@ class Trajectory:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def append(self, event: LLMCallEvent | ToolCallEvent | SessionEvent) -> None:
         line = event.model_dump_json() + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # not before: a session that never starts leaves no folder
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

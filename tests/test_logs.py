@@ -4,7 +4,8 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from pydantic import ValidationError
 
-from logs.export import MAX_IO_CHARS, MAX_STEPS, Submission, build_submission
+from logs.arena import MAX_IO_CHARS, MAX_STEPS, Answer, Submission
+from logs.export import build_submission
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, Trajectory, read_events
 
 
@@ -23,7 +24,7 @@ def test_trajectory_survives_a_torn_last_line(tmp_path):
 
 
 def test_export_validates_against_the_reference_limits(tmp_path):
-    start = datetime.now(timezone.utc)
+    start = datetime.now(timezone.utc) - timedelta(hours=1)  # a past session: no step may lie in the future
     events = [SessionEvent(event="start", ts=iso(start))]
     for i in range(1200):  # more steps than the reference accepts
         ts = iso(start + timedelta(milliseconds=10 * (i + 1)))
@@ -37,7 +38,7 @@ def test_export_validates_against_the_reference_limits(tmp_path):
     assert all(len(s.input) <= MAX_IO_CHARS for s in steps if s.type == "tool_call")
     assert all(s.tool != "late" for s in steps if s.type == "tool_call")
     assert sub.metadata.token_count == 1200 * 15 and sub.metadata.tool_call_count == 1201
-    again = Submission.model_validate_json(sub.model_dump_json())  # round trip validates the limits
+    again = Submission.model_validate_json(sub.to_json())  # round trip validates the limits
     assert again.metadata.harness_id == "pgolf-agent"
-    with pytest.raises(ValidationError):
-        Submission(train_code="  ", methodology="", metadata=sub.metadata)
+    with pytest.raises(ValidationError, match="blank"):
+        Answer(train_code="  ", methodology="")

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.outcome import ExitCode, StopKind
 from agent.session import Session, SessionSettings
 from budget.models import Budget
-from logs.export import Submission
+from logs.arena import Submission
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, read_events
 from tests.stub_llm_server import StubLLMServer
 
@@ -38,8 +39,8 @@ def check_record(session_dir: Path, runs_expected: int):
 
 def test_search_session_spends_the_budget_exactly(tmp_path, corpus):
     d = tmp_path / "s"
-    reason = Session(SessionSettings(session_dir=d, agent="search", budget=TINY)).run()
-    assert reason.startswith("budget spent")
+    end = Session(SessionSettings(session_dir=d, agent="search", budget=TINY)).run()
+    assert end.kind == StopKind.finished and end.reason.startswith("budget spent")  # it concluded with finish
     results, events = check_record(d, 3)
     assert results[0]["description"].startswith("baseline") and results[0]["verified"]
     assert results[1]["seed"] == 43  # noise measurement first
@@ -68,9 +69,9 @@ def test_stub_llm_session_over_the_real_sdk(tmp_path, corpus, api, monkeypatch):
     with StubLLMServer(handler=stub_researcher) as stub:
         d = tmp_path / "s"
         settings = SessionSettings(session_dir=d, agent=api, base_url=stub.base_url(api), budget=TINY)
-        reason = Session(settings).run()
+        end = Session(settings).run()
         assert not stub.errors
-    assert "finished: done" in reason
+    assert end.kind == StopKind.finished and "finished: done" in end.reason
     results, events = check_record(d, 3)
     assert "learning_rate = 5e-3" in (d / "runs" / "001" / "train.py").read_text()
     llm = [e for e in events if isinstance(e, LLMCallEvent)]
@@ -92,6 +93,11 @@ def test_kill_9_mid_run_then_resume(tmp_path, corpus):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     time.sleep(2)
+    exported = subprocess.run([sys.executable, "-m", "agent.cli", "export", str(d)], cwd=ROOT, capture_output=True,
+                              text=True, timeout=120)  # what the killed session had, checked on the way
+    run0 = json.loads((d / "runs" / "000" / "result.json").read_text())
+    assert exported.returncode == (ExitCode.OK if run0["verified"] else ExitCode.INVALID), exported.stdout
+    assert "| 1 | running |" in (d / "methodology.md").read_text()
     resumed = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--resume", str(d)], cwd=ROOT,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -117,7 +123,7 @@ def test_ctrl_c_cancels_the_run_and_writes_the_record(tmp_path, corpus):
     time.sleep(3)
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out[-2000:]
+    assert proc.returncode == ExitCode.INTERRUPTED, out[-2000:]
     assert "interrupted by the user" in out
     run0 = json.loads((d / "runs" / "000" / "result.json").read_text())
     assert f"best verified val_bpb: {run0['val_bpb']:.4f} (run 0)" in out
@@ -146,8 +152,9 @@ def test_max_cost_needs_prices_and_stops_the_session(tmp_path, corpus, monkeypat
     with StubLLMServer(handler=stub_researcher) as stub:
         settings = SessionSettings(session_dir=tmp_path / "s", agent="openai", base_url=stub.openai_base_url,
                                    budget=TINY, max_cost_usd=0.001, price_per_mtok=(1000.0, 1000.0))
-        reason = Session(settings).run()
-    assert "--max-cost $0.00 exceeded" in reason and len(stub.requests) == 2  # the preflight, then one turn
+        end = Session(settings).run()
+    assert end.kind == StopKind.limit and end.exit_code == ExitCode.LIMIT
+    assert "--max-cost $0.00 exceeded" in end.reason and len(stub.requests) == 2  # the preflight, then one turn
 
 
 def test_retries_usage_and_the_preflight_are_recorded(tmp_path, corpus, monkeypatch):

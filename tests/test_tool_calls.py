@@ -173,10 +173,11 @@ def test_every_bad_call_gets_a_tool_error_and_the_session_goes_on(tmp_path, corp
     steps = [{**s, "stop_reason": cut} if s.get("stop_reason") == "MAXTOK" else s for s in steps]
     d = tmp_path / "s"
     (d / "runs" / "099" / "train.py").mkdir(parents=True)  # a real fault inside a handler: code that is a folder
+    steps = [{"text": "ready"}] + steps  # the preflight call before run 0
     with StubLLMServer(steps) as stub:
-        reason = Session(SessionSettings(session_dir=d, agent=api, base_url=stub.base_url(api), budget=TINY)).run()
+        end = Session(SessionSettings(session_dir=d, agent=api, base_url=stub.base_url(api), budget=TINY)).run()
         assert not stub.errors
-    assert reason == "finished: done"
+    assert end.reason == "finished: done"
     assert len(stub.requests) == len(steps)  # every step was answered, none was lost to a crash
     results = {call_id: text for r in stub.requests for call_id, text in r.tool_results()}
     text_of = lambda c: c if isinstance(c, str) else " ".join(b.get("text", "") for b in c)  # noqa: E731
@@ -217,10 +218,10 @@ def test_a_queued_run_starts_the_moment_the_previous_one_ends(tmp_path, corpus, 
     monkeypatch.setenv("OPENAI_API_KEY", "dummy")
     d = tmp_path / "s"
     with StubLLMServer(handler=pipelining_researcher) as stub:
-        reason = Session(SessionSettings(session_dir=d, agent="openai", base_url=stub.openai_base_url,
-                                         budget=TINY)).run()
+        end = Session(SessionSettings(session_dir=d, agent="openai", base_url=stub.openai_base_url,
+                                      budget=TINY)).run()
         assert not stub.errors
-    assert reason == "budget spent (all runs are used); finished: done"
+    assert end.reason == "budget spent (all runs are used); finished: done"
     results = {call_id: text for r in stub.requests for call_id, text in r.tool_results()}
     assert results["s1"].startswith("run 1 started") and results["s2"].startswith("queued: starts the moment run 1 ends")
     everything = json.dumps(stub.requests[-1].body) + "".join(results.values())

@@ -32,6 +32,7 @@ SANDBOX_UID = 65534       # "nobody"
 SANDBOX_DATA_DIR = "/data"
 HARNESS_DIR = "/pgolf"    # the harness files a sandbox needs, read-only
 SYSTEM_PATHS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+PRIVATE_TMPFS = ("/tmp", "/dev/shm")  # empty in every sandbox: nothing of the host's there is seen
 
 
 class SandboxUnavailable(RuntimeError):
@@ -46,6 +47,12 @@ def bwrap_path() -> str:
             "bubblewrap (bwrap) is not installed, so runs cannot be sandboxed: `apt-get install bubblewrap`, "
             "or pass --unsafe-no-sandbox to run without isolation (every result will say sandboxed: false)")
     _probe(path)
+    hidden = [p for p in _python_paths() if any(_under(p, tmpfs) for tmpfs in PRIVATE_TMPFS)]
+    if hidden:
+        raise SandboxUnavailable(
+            f"the Python running pgolf-agent is installed under {hidden[0]}, and every sandbox mounts a private, "
+            f"empty {' and '.join(PRIVATE_TMPFS)}, so runs could not start it: install pgolf-agent into a "
+            "virtualenv outside those folders (or pass --unsafe-no-sandbox)")
     return path
 
 
@@ -75,7 +82,7 @@ def training_args(bwrap: str, run_dir: Path, train_bin: Path, harness_files: dic
                   hidden: list[Path], scratch_mb: int, gpus: int) -> list[str]:
     args, made = _common(bwrap, harness_files, hidden, gpus)
     args += ["--dev", "/dev"]
-    for path in ("/tmp", "/dev/shm"):
+    for path in PRIVATE_TMPFS:
         args += ["--perms", "1777", "--size", str(scratch_mb << 20), "--tmpfs", path]
     args += ["--dir", SANDBOX_DATA_DIR, "--ro-bind", str(train_bin.resolve()), f"{SANDBOX_DATA_DIR}/{train_bin.name}"]
     args += _make_parents(str(run_dir), made) + ["--bind", str(run_dir), str(run_dir)]
