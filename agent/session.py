@@ -68,7 +68,7 @@ def pick_agent(settings: SessionSettings) -> str:
 def make_researcher(kind: str, settings: SessionSettings):
     if kind in ("search", "random"):
         from agent.search_agent import SearchResearcher
-        return SearchResearcher(settings.session_dir, "random" if kind == "random" else "coordinate",
+        return SearchResearcher(settings.session_dir, "random" if kind == "random" else "plan",
                                 rng_seed=settings.search_seed)
     if kind == "replay":
         from agent.replay_provider import ReplayProvider
@@ -94,6 +94,7 @@ class Session:
         self.workspace = Workspace(self.dir)
         self.service = service
         self.stop_reason = ""
+        self.researcher = None
 
     # --- set-up ----------------------------------------------------------------
     def _open(self):
@@ -153,7 +154,7 @@ class Session:
     # --- the session -------------------------------------------------------------
     def run(self) -> str:
         kind = pick_agent(self.settings)
-        researcher = make_researcher(kind, self.settings)  # a missing key fails here, before anything starts
+        researcher = self.researcher = make_researcher(kind, self.settings)  # a missing key fails here, first
         resumed = self._open()
         self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
                            + (" — no API key found, so the offline search agent runs" if
@@ -197,7 +198,8 @@ class Session:
         status = self.service.status()
         methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.stop_reason)
         (self.dir / "methodology.md").write_text(methodology)
-        best_code = self._best_code()
+        # a researcher that claims a best configuration (mean over seeds) names it; else the best single run
+        best_code = getattr(self.researcher, "best_code", lambda: None)() or self._best_code()
         (self.dir / "best_train.py").write_text(best_code)
         (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
         events = self.trajectory.events()
