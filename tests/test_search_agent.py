@@ -271,3 +271,65 @@ def test_every_setting_the_planner_turns_is_one_line_of_train_py():
     assert all(cfg[name] in values for name, values in SPACE.items())  # the baseline is a point of the space
     for changes, _ in PROBES:
         assert all(value in SPACE[name] and value != cfg[name] for name, value in changes.items())
+
+
+# --- the switches of train.py ------------------------------------------------------------------------
+
+def load_trainer():
+    """trainer/baseline_train.py as a module (its settings are module globals the model reads when built)."""
+    trainer_dir = Path(__file__).resolve().parents[1] / "trainer"
+    sys.path.insert(0, str(trainer_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("train_under_test", trainer_dir / "baseline_train.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(trainer_dir))
+    return module
+
+
+@pytest.mark.parametrize("changes", [{}, {"norm": "rmsnorm"}, {"activation": "relu2"}, {"activation": "swiglu"},
+                                     {"tie_embeddings": False}, {"optimizer": "muon"}, {"lr_schedule": "warmdown"}])
+def test_each_switch_trains_and_stays_causal(changes, monkeypatch):
+    train = load_trainer()
+    monkeypatch.setattr(train, "device", "cpu")
+    for name, value in {"d_model": 32, "d_ff": 64, "n_layers": 2, **changes}.items():
+        monkeypatch.setattr(train, name, value)
+    torch.manual_seed(0)
+    model = train.GPT()
+    assert (model.head.weight is model.tok_emb.weight) == train.tie_embeddings
+    optimizers = train.make_optimizers(model)
+    assert len(optimizers) == (2 if train.optimizer == "muon" else 1)
+    x = torch.randint(1, 256, (2, 24))
+    losses = []
+    for step in range(8):
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = train.lr_at(group["peak_lr"], step, step / 8)
+        loss = model(x, x)
+        for opt in optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]  # it learns
+    model.eval()
+    changed = x.clone()
+    changed[:, 12:] = torch.randint(1, 256, (2, 12))
+    with torch.no_grad():  # logits before position 12 must not see the bytes from 12 on
+        assert torch.allclose(model(x)[:, :12], model(changed)[:, :12], atol=1e-5)
+
+
+def test_random_windows_are_rows_of_bos_and_train_bytes(monkeypatch):
+    train = load_trainer()
+    import prepare
+    data = torch.arange(1000, dtype=torch.uint8) % 251 + 1
+    monkeypatch.setattr(prepare, "load_split", lambda split: data if split == "train" else None)
+    monkeypatch.setattr(train, "device", "cpu")
+    x, y = next(train.random_windows(4, 16))
+    assert x.shape == y.shape == (4, 16) and (x[:, 0] == prepare.BOS_TOKEN).all()
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in y:  # each target row is a contiguous stretch of the split
+        start = int((data == row[0]).nonzero()[0])
+        assert torch.equal(row, data[start:start + 16].long())
