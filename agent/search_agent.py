@@ -1,28 +1,30 @@
 """The offline researcher: no model, no network, the same tools an LLM uses.
 
-It edits one setting line of train.py per run and keeps a change only when it
-beats the incumbent by more than the measured run-to-run noise. It is
-stateless: every decision is recomputed from the runs on disk, so a resumed
-session continues where it stopped.
+It plans its runs from everything measured so far (agent/planner.py) and keeps
+a change only when it beats the incumbent by more than the measured run-to-run
+noise. It is stateless: every decision is recomputed from the runs on disk, so
+a resumed session continues where it stopped.
 
 Method:
 1. Run 0 (the baseline) is repeated with another seed to measure noise; the
    noise is the widest spread between seeds seen so far, so every later
    confirmation can raise it.
-2. Coarse moves, one setting at a time in order of expected effect
-   (schedule, depth, width, learning rate, batch, ...): a step each way.
-   An accepted move becomes the incumbent and the same setting is pushed
-   further in that direction before moving on.
-3. Fine moves (x1.41, x0.71) around the incumbent, then finer (x1.19, x0.84).
-4. An improvement smaller than twice the noise is confirmed with another seed.
-5. When every move is tried, the runs left go to the moves the noise hid
-   (better than the incumbent, but by less than the noise): first all of them
-   together, then each with more seeds, best first.
-A configuration (settings + seed) is never run twice. A run that shared its
-cores with other work (trainer/contention.py) got fewer steps than its code
-deserves; it counts as failed, so it neither sets the noise nor wins.
-`strategy="random"` samples settings uniformly instead: the control for the
-benchmark.
+2. Structural probes (planner.PROBES: data order, schedule, depth for width,
+   optimiser, activation, output head, normalisation), one run each on the
+   incumbent, so what helped accumulates.
+3. The probes that looked better by less than the noise, together.
+4. Optuna's TPE, fitted to every measured run, proposes the next
+   configuration: it models which values go with good scores, jointly, so it
+   combines what helped and explores where the evidence is thin.
+5. An improvement smaller than twice the noise is confirmed with another
+   seed, and the last run confirms an incumbent measured once: the claimed
+   best is a configuration with its seeds, mean and spread.
+6. If TPE finds nothing new, the runs left go to the moves the noise hid.
+A configuration is never run twice with the same seed, nor proposed again
+once measured. A run that shared its cores with other work
+(trainer/contention.py) got fewer steps than its code deserves; it counts as
+failed, so it neither sets the noise nor wins. `strategy="random"` samples
+the same space uniformly instead: the control for the benchmark.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.planner import PROBES, SPACE, tpe_proposal, valid
 from agent.providers.base import ModelReply, ToolCall
 from trainer.contention import CONTENDED
 
@@ -41,40 +44,6 @@ SETTING_LINE = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*) = (?P<value>[^#\n]+?)(?P
 MIN_NOISE = 0.003
 MAX_SEEDS = 3  # seeds a configuration the noise hid gets before it is left unresolved
 SEED_BASE = 42
-
-# setting -> (kind, coarse moves, fine moves); "mul" multiplies, "add" adds, "set" picks values.
-MOVES: dict[str, tuple[str, list, list]] = {
-    "lr_schedule": ("set", ["linear", "cosine"], []),
-    "n_layers": ("add", [-1, 1], [-2, 2]),  # depth first: at short budgets fewer, wider layers train faster
-    "d_model": ("add", [32, -16], [16, -8]),
-    "learning_rate": ("mul", [2.0, 0.5], [1.41, 0.71, 1.19, 0.84]),
-    "batch_size": ("mul", [2.0, 0.5], [1.5, 0.75]),
-    "d_ff": ("mul", [2.0, 0.5], [1.5, 0.75]),
-    "n_history": ("add", [2, -2], [1, -1]),
-    "warmup_steps": ("mul", [4.0, 0.25], [2.0, 0.5]),
-    "rope_theta": ("mul", [10.0, 0.1], [3.0, 0.33]),
-    "weight_decay": ("mul", [0.0, 2.0], [0.5]),
-    "beta2": ("set", [0.99, 0.9], []),
-    "n_heads": ("set", [2, 8], []),
-    "grad_clip": ("set", [0.5, 0.0], []),
-}
-# Values random search samples from: the same neighbourhood the moves reach.
-RANDOM_SPACE: dict[str, list] = {
-    "lr_schedule": ["constant", "linear", "cosine"],
-    "learning_rate": [1e-3, 1.5e-3, 2e-3, 3e-3, 4e-3, 6e-3, 8e-3, 1.2e-2],
-    "batch_size": [4, 6, 8, 12, 16, 24, 32],
-    "d_model": [48, 64, 80, 96, 112, 128],
-    "n_layers": [1, 2, 3, 4, 5],
-    "d_ff": [128, 192, 256, 384, 512],
-    "n_history": [0, 1, 2, 3, 4, 5],
-    "warmup_steps": [5, 10, 20, 40, 80],
-    "rope_theta": [10.0, 30.0, 100.0, 300.0, 1000.0, 10000.0],
-    "weight_decay": [0.0, 0.05, 0.1, 0.2],
-    "beta2": [0.9, 0.95, 0.99],
-    "n_heads": [2, 4, 8],
-    "grad_clip": [0.0, 0.5, 1.0],
-}
-
 
 def parse_settings(code: str) -> dict[str, object]:
     """The literal `name = value` lines of the settings block."""
@@ -97,28 +66,17 @@ def setting_line(code: str, name: str) -> str:
 def replace_value(line: str, value) -> str:
     m = SETTING_LINE.match(line)
     literal = repr(float(f"{value:.6g}")) if isinstance(value, float) else repr(value)
-    return f"{m['name']} = {literal}{m['comment'] or ''}"
+    if isinstance(value, str):
+        literal = json.dumps(value)  # double quotes, as the file writes them
+    head = f"{m['name']} = {literal}"
+    if not m["comment"]:
+        return head
+    comment = m["comment"].lstrip()
+    return head + " " * max(2, m.start("comment") + len(m["comment"]) - len(comment) - len(head)) + comment
 
 
 def changes_text(changes: dict) -> str:
     return ", ".join(f"{name}={value!r}" for name, value in changes.items())
-
-
-def valid(cfg: dict) -> bool:
-    d, h = cfg.get("d_model", 80), cfg.get("n_heads", 4)
-    return (d % h == 0 and (d // h) % 2 == 0 and cfg.get("n_layers", 1) >= 1 and cfg.get("batch_size", 1) >= 1
-            and cfg.get("d_ff", 1) >= 8 and cfg.get("n_history", 0) >= 0 and cfg.get("warmup_steps", 0) >= 1
-            and cfg.get("learning_rate", 1) > 0)
-
-
-def moved(cfg: dict, name: str, kind: str, move):
-    value = cfg[name]
-    if kind == "set":
-        return move
-    if kind == "add":
-        return value + move
-    new = value * move
-    return int(round(new)) if isinstance(value, int) else round(new, 8)
 
 
 @dataclass
@@ -172,6 +130,17 @@ class Knowledge:
     def scores(self, cfg: dict) -> list[float]:
         return [t.val_bpb for t in self.trials if t.cfg == cfg and t.val_bpb is not None]
 
+    def is_new(self, cfg: dict) -> bool:
+        """No run has tried this configuration, with any seed."""
+        return all(t.cfg != cfg for t in self.trials)
+
+    def best_text(self) -> str:
+        """The incumbent as a claim: its seeds, mean and spread."""
+        runs = [t for t in self.trials if t.cfg == self.incumbent.cfg and t.val_bpb is not None]
+        scores = [t.val_bpb for t in runs]
+        return (f"mean {self.incumbent_mean:.4f} over {len(runs)} seed(s) "
+                f"({', '.join(f'{t.seed}: {t.val_bpb:.4f}' for t in runs)}; spread {max(scores) - min(scores):.4f})")
+
 
 def read_knowledge(session_dir: Path) -> Knowledge:
     k = Knowledge()
@@ -224,13 +193,15 @@ class SearchResearcher:
     """A Provider that decides tool calls by reading the session's runs."""
 
     name = "search"
+    STRATEGIES = ("plan", "random")
 
-    def __init__(self, session_dir: Path, strategy: str = "coordinate", rng_seed: int = 0):
-        if strategy not in ("coordinate", "random"):
-            raise ValueError(f"unknown search strategy {strategy!r}: use 'coordinate' or 'random'")
+    def __init__(self, session_dir: Path, strategy: str = "plan", rng_seed: int = 0):
+        if strategy not in self.STRATEGIES:
+            raise ValueError(f"unknown search strategy {strategy!r}: use one of {', '.join(self.STRATEGIES)}")
         self.session_dir = Path(session_dir)
         self.strategy = strategy
         self.model = f"search-{strategy}"
+        self.rng_seed = rng_seed
         self.rng = random.Random(rng_seed)
         self.calls = 0
         self.reported: set[int] = set()
@@ -250,7 +221,7 @@ class SearchResearcher:
             proposal = self.propose(k)
             if proposal is None:
                 calls += [("write_note", {"kind": "conclusion", "text": self.conclusion(k)}),
-                          ("finish", {"summary": "no untried moves left. " + self.summary(k)})]
+                          ("finish", {"summary": "no untried configurations left. " + self.summary(k)})]
             else:
                 text, more = proposal
                 calls += more
@@ -260,6 +231,13 @@ class SearchResearcher:
         return ModelReply(text=text, tool_calls=tool_calls, input_tokens=0, output_tokens=0, model=self.model,
                           stop_reason="tool_use", duration_ms=int((time.monotonic() - started) * 1000),
                           request_chars=sum(len(getattr(m, "content", "") or "") for m in messages))
+
+    def best_code(self) -> str | None:
+        """train.py of the claimed best configuration (kept by its mean over seeds), for best_train.py."""
+        k = read_knowledge(self.session_dir)
+        if k.incumbent is None:
+            return None
+        return (self.session_dir / "runs" / f"{k.incumbent.run_id:03d}" / "train.py").read_text()
 
     # --- decisions -------------------------------------------------------------
     def notes_on_new_runs(self, k: Knowledge) -> list[tuple[str, dict]]:
@@ -284,87 +262,112 @@ class SearchResearcher:
                         f"run {t.run_id} ({t.description}): {score}; {verdict}. Incumbent mean {inc}, noise {noise}."}))
         return out
 
+    def runs_left(self, k: Knowledge) -> int | None:
+        """Runs the session may still start, from its saved settings (None when unknown)."""
+        settings = self.session_dir / "settings.json"
+        if not settings.exists():
+            return None
+        max_runs = json.loads(settings.read_text()).get("budget", {}).get("max_runs")
+        return None if max_runs is None else max_runs - len(k.trials)
+
     def propose(self, k: Knowledge):
         """(thought, tool calls) for the next run, or None when nothing is left to try."""
         if k.incumbent is None:  # nothing measured yet: only a contended baseline is worth running again
             base = k.trials[0] if k.trials else None
             if base is None or not base.status.startswith("contended"):
                 return None
-            return self._run(base.run_id, None, None, k.free_seed(base.cfg, SEED_BASE + 1),
-                             "baseline again: run 0 shared its cores with other work", "a fair reference point")
+            return self._run(base.run_id, {}, "baseline again: run 0 shared its cores with other work",
+                             "a fair reference point", k.free_seed(base.cfg, SEED_BASE + 1))
         base, inc = k.trials[0], k.incumbent
         if k.noise is None:  # measure noise first: the baseline with another seed
-            seed = k.free_seed(inc.cfg, SEED_BASE + 1)
-            return self._run(inc.run_id, None, None, seed, "baseline repeated with another seed",
-                             "measures run-to-run noise: the two scores differ only by the seed")
-        scores = k.scores(inc.cfg)
-        if (self.strategy != "random" and inc.run_id != base.run_id and len(scores) == 1
-                and k.last_gain is not None and k.last_gain < 2 * k.noise):
-            seed = k.free_seed(inc.cfg, inc.seed + 1)
-            return self._run(inc.run_id, None, None, seed, f"confirm run {inc.run_id} with another seed",
-                             f"run {inc.run_id}'s gain is under twice the noise ({k.noise:.4f}); a second seed confirms it")
-        attempted = k.attempted()
+            return self._run(inc.run_id, {}, "baseline repeated with another seed",
+                             "measures run-to-run noise: the two scores differ only by the seed",
+                             k.free_seed(inc.cfg, SEED_BASE + 1))
         if self.strategy == "random":
-            return self._random(k, attempted)
-        tried_values = {(name, json.dumps(t.cfg.get(name), default=str)) for t in k.trials for name in MOVES}
-        for phase in (1, 2):
-            for name, (kind, coarse, fine) in MOVES.items():
-                if name not in inc.cfg:
-                    continue
-                for move in (coarse if phase == 1 else fine):
-                    value = moved(inc.cfg, name, kind, move)
-                    cfg = {**inc.cfg, name: value}
-                    if value == inc.cfg[name] or not valid(cfg) or (name, json.dumps(value, default=str)) in tried_values:
-                        continue
-                    if k.key(cfg, SEED_BASE) in attempted:
-                        continue
-                    return self._run(inc.run_id, name, value, SEED_BASE,
-                                     f"{name} {inc.cfg[name]!r} -> {value!r}",
-                                     f"{'coarse' if phase == 1 else 'fine'} move of {name} from the incumbent "
-                                     f"(run {inc.run_id}); kept only if it beats {k.incumbent_mean:.4f} by more "
-                                     f"than the noise {k.noise:.4f}")
-        return self._settle(k)
+            return self._random(k)
+        return (self._confirm(k) or self._probe(k) or self._combine_hidden(k) or self._tpe(k)
+                or self._settle(k))
+
+    def _keep_rule(self, k: Knowledge) -> str:
+        return f"kept only if it beats the incumbent's mean {k.incumbent_mean:.4f} by more than the noise {k.noise:.4f}"
+
+    def _confirm(self, k: Knowledge):
+        """Another seed of an incumbent measured once, when its gain is small or the last run has come."""
+        inc = k.incumbent
+        if inc.run_id == k.trials[0].run_id or len(k.scores(inc.cfg)) > 1:
+            return None
+        if k.last_gain is not None and k.last_gain < 2 * k.noise:
+            why = f"run {inc.run_id}'s gain is under twice the noise ({k.noise:.4f}); a second seed confirms it"
+        elif self.runs_left(k) == 1:
+            why = "the last run: the claimed best should be a mean over seeds, not one lucky run"
+        else:
+            return None
+        return self._run(inc.run_id, {}, f"confirm run {inc.run_id} with another seed", why,
+                         k.free_seed(inc.cfg, inc.seed + 1))
+
+    def _probe(self, k: Knowledge):
+        """The first structural probe no run has tried yet, on the incumbent."""
+        inc = k.incumbent
+        for changes, why in PROBES:
+            if any(all(t.cfg.get(n) == v for n, v in changes.items()) for t in k.trials):
+                continue  # tried already (or the incumbent has it)
+            if not all(n in inc.cfg for n in changes) or not valid({**inc.cfg, **changes}):
+                continue
+            return self._run(inc.run_id, changes, "probe: " + changes_text(changes), f"{why}; {self._keep_rule(k)}")
+        return None
+
+    def _hidden(self, k: Knowledge) -> list[tuple[dict, float, int]]:
+        """Configurations better than the incumbent by less than the noise, best first."""
+        return [row for row in k.unresolved(limit=None) if row[1] < k.incumbent_mean]
+
+    def _combine_hidden(self, k: Knowledge):
+        """The moves the noise hid, all together, once."""
+        combined: dict = {}
+        for diff, _, _ in self._hidden(k):
+            for name, value in diff.items():  # best first, so each setting keeps its best-looking value
+                combined.setdefault(name, value)
+        if len(combined) < 2 or not valid({**k.incumbent.cfg, **combined}) or not k.is_new({**k.incumbent.cfg,
+                                                                                         **combined}):
+            return None
+        return self._run(k.incumbent.run_id, combined, "combine " + changes_text(combined),
+                         "each looked better than the incumbent by less than the noise; together they may clear "
+                         f"it; {self._keep_rule(k)}")
+
+    def _tpe(self, k: Knowledge):
+        """Optuna's TPE, fitted to every run so far, proposes a configuration not measured yet."""
+        inc = k.incumbent
+        cfg = tpe_proposal([(t.cfg, t.val_bpb) for t in k.trials], inc.cfg, seed=self.rng_seed * 1000 + len(k.trials),
+                           is_new=k.is_new)
+        if cfg is None:
+            return None
+        changes = {n: v for n, v in cfg.items() if v != inc.cfg.get(n)}
+        measured = sorted((t for t in k.trials if t.val_bpb is not None), key=lambda t: t.val_bpb)
+        return self._run(inc.run_id, changes, "TPE: " + changes_text(changes),
+                         f"Optuna's TPE, fitted to {len(measured)} measured runs, ranks this first of its candidates: "
+                         f"likely under the best runs ({', '.join(str(t.run_id) for t in measured[:3])}), unlikely "
+                         f"under the rest; {self._keep_rule(k)}")
 
     def _settle(self, k: Knowledge):
-        """Every move is tried: spend what is left on the moves the noise hid, together, then seed by seed."""
-        inc = k.incumbent
-        hidden = [row for row in k.unresolved(limit=None) if row[1] < k.incumbent_mean]
-        combined: dict = {}
-        for diff, _, _ in hidden:  # best first, so each setting keeps its best-looking value
-            if len(diff) == 1:
-                name, value = next(iter(diff.items()))
-                combined.setdefault(name, value)
-        cfg = {**inc.cfg, **combined}
-        if len(combined) >= 2 and valid(cfg) and k.key(cfg, SEED_BASE) not in k.attempted():
-            return self._run_many(inc.run_id, combined, "combine " + changes_text(combined),
-                                  "each looked better than the incumbent by less than the noise; together they "
-                                  "may clear it")
-        for diff, mean, seeds in hidden:
+        """Nothing new to propose: spend what is left on the moves the noise hid, seed by seed."""
+        for diff, mean, seeds in self._hidden(k):
             if seeds < MAX_SEEDS:
-                seed = k.free_seed({**inc.cfg, **diff}, SEED_BASE + 1)
-                return self._run_many(inc.run_id, diff, f"{changes_text(diff)} again with seed {seed}",
-                                      f"its mean {mean:.4f} over {seeds} seed(s) is within the noise of the incumbent's "
-                                      f"{k.incumbent_mean:.4f}; another seed tells whether it is better", seed)
+                seed = k.free_seed({**k.incumbent.cfg, **diff}, SEED_BASE + 1)
+                return self._run(k.incumbent.run_id, diff, f"{changes_text(diff)} again with seed {seed}",
+                                 f"its mean {mean:.4f} over {seeds} seed(s) is within the noise of the incumbent's "
+                                 f"{k.incumbent_mean:.4f}; another seed tells whether it is better", seed)
         return None
 
-    def _random(self, k: Knowledge, attempted: set[str]):
+    def _random(self, k: Knowledge):
         base = k.trials[0]
         for _ in range(200):
-            cfg = dict(base.cfg)
-            for name, values in RANDOM_SPACE.items():
-                if name in cfg:
-                    cfg[name] = self.rng.choice(values)
-            if valid(cfg) and k.key(cfg, SEED_BASE) not in attempted:
+            cfg = {**base.cfg, **{n: self.rng.choice(values) for n, values in SPACE.items() if n in base.cfg}}
+            if valid(cfg) and k.is_new(cfg):
                 changes = {n: v for n, v in cfg.items() if v != base.cfg.get(n)}
-                return self._run_many(base.run_id, changes, "random configuration: " + changes_text(changes),
-                                      "random search control")
+                return self._run(base.run_id, changes, "random configuration: " + changes_text(changes),
+                                 "random search control")
         return None
 
-    def _run(self, from_run: int, name: str | None, value, seed: int, description: str, hypothesis: str):
-        changes = {name: value} if name else {}
-        return self._run_many(from_run, changes, description, hypothesis, seed)
-
-    def _run_many(self, from_run: int, changes: dict, description: str, hypothesis: str, seed: int = SEED_BASE):
+    def _run(self, from_run: int, changes: dict, description: str, hypothesis: str, seed: int = SEED_BASE):
         code = (self.session_dir / "runs" / f"{from_run:03d}" / "train.py").read_text()
         calls: list[tuple[str, dict]] = [("restore_run", {"run_id": from_run})]
         for name, value in changes.items():
@@ -382,14 +385,12 @@ class SearchResearcher:
             return "no verified result"
         base_scores = k.scores(k.trials[0].cfg)
         base = sum(base_scores) / len(base_scores)
-        n = len(k.scores(k.incumbent.cfg))
         if k.incumbent.cfg == k.trials[0].cfg:
             return (f"no change beat the baseline (mean {base:.4f} over {len(base_scores)} seed(s)) by more than "
                     f"the noise")
         changed = {name: v for name, v in k.incumbent.cfg.items() if v != k.trials[0].cfg.get(name)}
-        return (f"best configuration (run {k.incumbent.run_id}, mean {k.incumbent_mean:.4f} over {n} seed(s)) "
-                f"against the baseline's mean {base:.4f}; changes: "
-                + changes_text(changed))
+        return (f"best configuration (run {k.incumbent.run_id}): {k.best_text()} against the baseline's mean "
+                f"{base:.4f}; changes: " + changes_text(changed))
 
     def conclusion(self, k: Knowledge) -> str:
         noise = k.noise or MIN_NOISE
@@ -400,8 +401,8 @@ class SearchResearcher:
                      + "; ".join(f"{changes_text(diff)} (mean {mean:.4f} over {n_seeds} seed(s))"
                                  for diff, mean, n_seeds in close)
                      + ". More seeds per move or longer runs would settle them.")
-        return text + (" Limits of this method: it only moves the numbered settings at the top of train.py, one at a "
-                       "time (and the hidden moves together once all are tried), so it cannot change the architecture "
-                       "(attention variant, normalisation, optimiser) and sees few interactions between settings; each "
-                       "accepted move costs runs that an informed researcher would skip.")
-
+        return text + (" Limits of this method: it turns only the settings at the top of train.py, over the values "
+                       "listed in agent/planner.py, so it cannot invent a new architecture or loss; each structural "
+                       "probe is tried once, on the incumbent of its time, so an idea that helps only in another "
+                       "context is left to TPE, whose model of interactions rests on as few points as there were "
+                       "runs; a change smaller than the seed noise of one run cannot be told from luck.")

@@ -81,7 +81,7 @@ def pick_agent(settings: SessionSettings) -> str:
 def make_researcher(kind: str, settings: SessionSettings, on_retry=None):
     if kind in ("search", "random"):
         from agent.search_agent import SearchResearcher
-        return SearchResearcher(settings.session_dir, "random" if kind == "random" else "coordinate",
+        return SearchResearcher(settings.session_dir, "random" if kind == "random" else "plan",
                                 rng_seed=settings.search_seed)
     if kind == "replay":
         from agent.replay_provider import ReplayProvider
@@ -108,6 +108,7 @@ class Session:
         self.service = service
         self.end = SessionEnd(StopKind.error, "the harness stopped without finishing")
         self.opened = False  # retries are recorded once the trajectory belongs to a started session
+        self.researcher = None
 
     # --- set-up ----------------------------------------------------------------
     def _open(self):
@@ -172,7 +173,7 @@ class Session:
     # --- the session -------------------------------------------------------------
     def run(self) -> SessionEnd:
         kind = pick_agent(self.settings)
-        researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here
+        researcher = self.researcher = make_researcher(kind, self.settings, self._retry)  # a missing key fails here
         try:  # nothing is started, and nothing charged, before the model is known to answer
             price = price_for(researcher.model, self.settings.price_per_mtok,
                               needed=self.settings.max_cost_usd is not None and kind in ("anthropic", "openai"))
@@ -252,7 +253,8 @@ class Session:
             self.console.print("[yellow]no run was verified[/yellow], so there is no code this session can vouch "
                                f"for: no submission written (methodology and trajectory are in {self.dir})")
             return None
-        best_code = self._best_code()
+        # a researcher that claims a best configuration (mean over seeds) names it; else the best single run
+        best_code = getattr(self.researcher, "best_code", lambda: None)() or self._best_code()
         (self.dir / "best_train.py").write_text(best_code)
         events = self.trajectory.events()
         submission = build_submission(best_code, methodology, events, model_id, *session_window(events))
