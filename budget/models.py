@@ -24,7 +24,7 @@ class Budget(BaseModel):
     run_timeout_secs: float = Field(210, gt=0, description="hard wall-clock limit of one run, eval included")
     clock_grace_secs: float | None = Field(None, ge=0, le=30, description=(
         "seconds the training clock (train.py's first line to evaluate_bpb, plus the slowest evaluation "
-        "frame) may run past TIME_BUDGET; default 1 s + 1 % of it. Python and torch are imported before "
+        "frame) may run past TIME_BUDGET; default 2 s + 1 % of it. Python and torch are imported before "
         "the clock starts"))
 
 

@@ -184,7 +184,7 @@ def test_memory_of_forked_children_counts_together(corpus, tmp_path):
     import os, time
     for _ in range(3):
         if os.fork() == 0:
-            block = b'x' * (300 << 20)  # each child stays under the per-process limit
+            block = b'x' * (200 << 20)  # each child stays under the per-process limit
             time.sleep(300)
     time.sleep(300)
     """
@@ -446,7 +446,7 @@ def test_loss_returned_by_forward_does_not_move_val_bpb(corpus, tmp_path):
     """
     result = run(corpus, tmp_path, code)
     assert result.status == RunStatus.completed and result.verified, result.reasons
-    assert result.val_bpb == pytest.approx(8.0, abs=1e-9)  # uniform over 256 bytes = 8 bits
+    assert result.val_bpb == pytest.approx(8.0, abs=1e-6)  # uniform over 256 bytes = 8 bits (float32 per byte)
 
 
 @pytest.mark.slow

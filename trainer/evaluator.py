@@ -210,11 +210,14 @@ class Row:
     donor: int = 0
 
 
-def plan_frames(n: int, t: int, rows: int, audits: int, g: torch.Generator) -> list[list[Row]]:
-    """Every window once and `audits` audit copies, shuffled into frames; no copy beside its original."""
+def plan_frames(x: torch.Tensor, rows: int, audits: int, g: torch.Generator) -> list[list[Row]]:
+    """Every window of x (n, T) once and `audits` audit copies, shuffled into frames; no copy beside
+    its original. A copy's donor differs from its window at the cut, so a model that reads the byte
+    after position cut-1 gives itself away there."""
+    n, t = x.shape
     chosen = torch.randperm(n, generator=g)[:audits].tolist()
     cuts = torch.randint(1, t + 1, (len(chosen),), generator=g).tolist()  # t: an identical copy
-    donors = [(w + 1 + int(torch.randint(0, n - 1, (1,), generator=g))) % n for w in chosen]
+    donors = [_donor(x, w, c, g) for w, c in zip(chosen, cuts)]
     all_rows = [Row(w) for w in range(n)] + [Row(w, c, d) for w, c, d in zip(chosen, cuts, donors)]
     order = [all_rows[i] for i in torch.randperm(len(all_rows), generator=g).tolist()]
     frames = [order[i:i + rows] for i in range(0, len(order), rows)]
@@ -232,6 +235,16 @@ def plan_frames(n: int, t: int, rows: int, audits: int, g: torch.Generator) -> l
                     frame[i], frames[f2][j] = other, row
                     row = other
     return frames
+
+
+def _donor(x: torch.Tensor, window: int, cut: int, g: torch.Generator, tries: int = 64) -> int:
+    """Another window whose input at `cut` differs from this one's (any other one if none is found)."""
+    n, t = x.shape
+    for _ in range(tries):
+        donor = (window + 1 + int(torch.randint(0, n - 1, (1,), generator=g))) % n
+        if cut == t or x[donor, cut] != x[window, cut]:
+            return donor
+    return donor
 
 
 class TrustedEvaluator:
@@ -312,7 +325,7 @@ class TrustedEvaluator:
         n, t = w.x.shape
         # a frame's logits stay near FRAME_LOGIT_BYTES whatever the vocabulary
         rows = max(8, min(FRAME_ROWS, FRAME_LOGIT_BYTES // (t * w.vocab * 4)))
-        frames = plan_frames(n, t, rows, round(n * AUDIT_SHARE), torch.Generator().manual_seed(self.seed))
+        frames = plan_frames(w.x, rows, round(n * AUDIT_SHARE), torch.Generator().manual_seed(self.seed))
         audited = {r.window for frame in frames for r in frame if r.cut is not None}
         server = self.start_server()
         server.send({"op": "snapshot", "device": device, "batch": batch, "vocab": w.vocab}, snapshot)

@@ -48,7 +48,7 @@ class ProcessTree:
         for pid in pids:
             try:
                 proc = self.seen.get(pid) or psutil.Process(pid)
-                if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                if not proc.is_running() or _zombie(proc):
                     continue
                 times = proc.cpu_times()
                 self.cpu[pid, proc.create_time()] = times.user + times.system
@@ -99,7 +99,9 @@ class ProcessTree:
         """
         give_up = time.monotonic() + KILL_WAIT_SECS
         while True:
-            victims = {p.pid: p for p in self.members() + self.in_namespaces() + self.marked()}.values()
+            # a zombie is dead already; one whose parent left waits for the host's init to reap it
+            victims = [p for p in {p.pid: p for p in self.members() + self.in_namespaces() + self.marked()}.values()
+                       if not _zombie(p)]
             for proc in victims:
                 try:
                     proc.send_signal(signal.SIGKILL)
@@ -144,6 +146,13 @@ def task_count(procs: list[psutil.Process]) -> int:
         except psutil.NoSuchProcess:
             continue
     return total
+
+
+def _zombie(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def _pid_ns(pid: int) -> int | None:

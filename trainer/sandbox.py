@@ -44,6 +44,7 @@ from pathlib import Path
 
 from trainer import bubblewrap, prepare
 from trainer.bubblewrap import SANDBOX_UID, SandboxUnavailable, bwrap_path  # noqa: F401  (re-exported)
+from trainer.cgroup import MemoryCgroup
 from trainer.carried_data import index_for
 from trainer.contention import CpuMeter
 from trainer.corpus import TRAIN_FILE, VAL_FILE, cache_root
@@ -67,6 +68,9 @@ EVAL_SCRATCH_MB = 64        # the evaluation sandbox's /tmp, emptied between fra
 # A frame's process lives for one frame: let glibc keep what it freed for the next batch instead of
 # giving it back and faulting it in again (about 20 % of a frame's forward on the baseline).
 EVAL_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+# The kernel's cap (a memory cgroup, where one can be made) sits this far above the watchdog's: the
+# watchdog stops a run at memory_mb; the kernel stops whatever passes it between two looks.
+CGROUP_HEADROOM = 1.25
 TAIL_CHARS = 4000
 REPORT_CHARS = 64 * 1024    # how much of the end of stdout is searched for the script's JSON line
 WATCH_SECS = 0.25           # how often the watchdog checks the clock, the cancel flag and the caps
@@ -161,17 +165,19 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
     cut: dict[str, int] = {}  # the logs' sizes at the hand-off
     procs: dict[str, subprocess.Popen] = {}
     trees: dict[str, ProcessTree] = {}
+    cgroups = {name: MemoryCgroup.create(int(CGROUP_HEADROOM * (memory_mb << 20)), f"{name}-{run_id}")
+               for name in ("train", "server")}
     try:
         try:
             procs["server"] = subprocess.Popen(
                 server_cmd, cwd="/", env={**env, **_marker_env(markers["server"]), **EVAL_MALLOC,
                                            "HOME": server_scratch, "TMPDIR": server_scratch}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(request_r, reply_w, report_w),
-                start_new_session=True)
+                start_new_session=True, preexec_fn=_joiner(cgroups["server"]))
             trees["server"] = ProcessTree(procs["server"].pid, markers["server"])
             procs["train"] = subprocess.Popen(
                 train_cmd, cwd=run_dir, env={**train_env, **_marker_env(markers["train"])}, stdin=subprocess.DEVNULL, stdout=out_fd, stderr=err_fd,
-                pass_fds=(to_child_r, from_child_w), start_new_session=True)
+                pass_fds=(to_child_r, from_child_w), start_new_session=True, preexec_fn=_joiner(cgroups["train"]))
             trees["train"] = ProcessTree(procs["train"].pid, markers["train"])
         finally:  # the children hold their own copies; ours must go so their exit reads as end-of-file
             for fd in (to_child_r, from_child_w, request_r, reply_w, report_w):
@@ -201,6 +207,7 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
                              memory_mb, disk_mb, max_procs)
         stop.set()
         survivors = trees["train"].kill_all(procs["train"].poll) + trees["server"].kill_all(procs["server"].poll)
+        stopped = stopped or _over_kernel_cap(cgroups, memory_mb)
         server_pipe.close()
         cpu_others = meter.others_share(trees["train"].cpu_secs() + trees["server"].cpu_secs())
         thread.join()
@@ -217,6 +224,9 @@ def execute_run(run_id: int, code: str, run_dir: Path, *, data_dir: Path, time_b
             shutil.rmtree(scratch, ignore_errors=True)
         for proc in procs.values():
             proc.poll()
+        for group in cgroups.values():
+            if group is not None:
+                group.remove()
 
     ev = evaluator.result
     limits = Limits(time_budget=time_budget,
@@ -276,6 +286,19 @@ def _supervise(proc: subprocess.Popen, trees: dict[str, ProcessTree], frozen: th
                                f"over the {disk_mb} MiB cap of a run; write less (nothing but the logs is kept)")
         if entries > MAX_ENTRIES:
             return "crashed", f"killed: the run created over {MAX_ENTRIES} files and folders in its folder"
+
+
+def _joiner(group: MemoryCgroup | None):
+    return group.join if group is not None else None
+
+
+def _over_kernel_cap(cgroups: dict[str, MemoryCgroup | None], memory_mb: int) -> tuple[str, str] | None:
+    for name, group in cgroups.items():
+        if group is not None and group.oom_kills():
+            what = "the run's processes and its /tmp and /dev/shm" if name == "train" else "the evaluation of its model"
+            return "crashed", (f"killed by the kernel: {what} went past the {memory_mb} MiB memory cap between "
+                               "two checks; use a smaller model or batch, and keep /tmp small")
+    return None
 
 
 def _scratch_bytes(members, scratch: Path | None) -> int:

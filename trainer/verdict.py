@@ -10,8 +10,10 @@ import re
 import signal
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import TYPE_CHECKING
 
-from trainer.evaluator import Evaluation
+if TYPE_CHECKING:  # the harness reads outcomes without importing torch (about 1 s and 300 MB)
+    from trainer.evaluator import Evaluation
 
 NEVER_EVALUATED = "the script never called evaluate_bpb; its printed val_bpb cannot be verified"
 REPORTED_FIELDS = ("val_bpb", "train_loss", "total_steps", "num_params_M", "training_time_secs")
@@ -19,9 +21,10 @@ REPORTED_FIELDS = ("val_bpb", "train_loss", "total_steps", "num_params_M", "trai
 
 def default_clock_grace(time_budget: float) -> float:
     """Seconds the training clock may run past TIME_BUDGET: the last step's overshoot, the set-up before
-    the script's own timer, the hand-off and the slowest evaluation frame (0.5-0.8 s for the baseline).
-    Python and torch are imported before the clock starts, so no start-up hides in it."""
-    return round(1.0 + 0.01 * time_budget, 3)
+    the script's own timer, the hand-off and the slowest evaluation frame (0.5-0.8 s for the baseline,
+    more on a busy 2-core machine). Python and torch are imported before the clock starts, so no start-up
+    hides in it; what honest work leaves unused (about 2 s) is at most 1.1 % more training at 180 s."""
+    return round(2.0 + 0.01 * time_budget, 3)
 
 
 @dataclass
