@@ -69,7 +69,7 @@ def main(time_budget: float = 180) -> dict:
             after = memory_mib()
     overhead = wall - r.training_secs
     print(f"baseline at {time_budget:g} s through the service: val_bpb {r.val_bpb:.4f} (verified {r.verified}), "
-          f"{r.total_steps} steps, {r.total_steps * 8 * 256 / time_budget:.0f} tok/s")
+          f"{r.total_steps} steps, {r.total_steps * 8 * 256 / time_budget:.0f} tok/s, cpu_others {r.cpu_others:.2f}")
     print(f"harness overhead: {wall:.1f} s submit-to-result - {r.training_secs:.1f} s training clock = "
           f"{overhead:.1f} s, of which {r.startup_secs:.1f} s start-up before the clock (sandbox, Python, torch) "
           f"and {r.eval_secs:.1f} s trusted evaluation; submit-to-result - TIME_BUDGET = {wall - time_budget:.1f} s")
