@@ -301,4 +301,4 @@ for _ in range(4):
 for pid in children:
     os.waitpid(pid, 0)
 """ + HONEST
-    unverified(submit(service, code, "memory spike between checks"), "killed by the kernel", "768 MiB cap")
+    unverified(submit(service, code, "memory spike between checks"), "killed by the kernel", "768 MiB memory cap")
