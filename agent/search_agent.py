@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.planner import PROBES, SPACE, tpe_proposal, valid
-from agent.providers.base import ModelReply, ToolCall
+from agent.providers.base import AssistantMessage, ModelReply, ToolCall
 from trainer.contention import CONTENDED
 
 SETTING_LINE = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*) = (?P<value>[^#\n]+?)(?P<comment>\s+#.*)?$", re.M)
@@ -209,7 +209,13 @@ class SearchResearcher:
     # --- Provider protocol -----------------------------------------------------
     def complete(self, system, messages, tools) -> ModelReply:
         started = time.monotonic()
-        last = messages[-1].content if messages and hasattr(messages[-1], "content") else ""
+        # what came since its last reply: tool results, the harness's notices, the fresh state
+        since = []
+        for m in reversed(messages):
+            if isinstance(m, AssistantMessage):
+                break
+            since.append(getattr(m, "content", "") or "")
+        last = "\n".join(reversed(since))
         k = read_knowledge(self.session_dir)
         calls: list[tuple[str, dict]] = []
         text = ""

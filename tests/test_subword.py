@@ -160,7 +160,7 @@ def test_uniform_model_scores_log2_vocab_per_token(tok):
     n_tokens = int(mask.sum())
     assert tok.decode(y[mask]) == val_text(prepare.EVAL_TOKENS)
     expected = math.log2(VOCAB) * n_tokens / prepare.EVAL_TOKENS
-    assert subword.evaluate_subword_bpb(Uniform(VOCAB), tok, 7) == pytest.approx(expected, rel=1e-12)
+    assert subword.evaluate_subword_bpb(Uniform(VOCAB), tok, 7) == pytest.approx(expected, rel=1e-6)  # float32 per token
 
 
 @pytest.mark.slow
