@@ -178,6 +178,7 @@ print("after", flush=True)
     val = (corpus.directory / "val.bin").read_bytes()[:2 * 65536]
     kept = b"".join(p.read_bytes() for p in run_dir.iterdir() if p.name != "train.py")
     kept += json.dumps(result.model_dump(mode="json")).encode()
+    kept += "\n".join(result.reasons + [result.stdout_tail, result.stderr_tail]).encode("latin-1", "replace")  # unescaped
     pieces = {val[i:i + 48] for i in range(0, len(val) - 48, 16)}
     assert not any(kept[i:i + 48] in pieces for i in range(len(kept) - 48)), "val text reached the researcher"
     assert sorted(p.name for p in run_dir.iterdir()) == ["result.json", "stderr.log", "stdout.log", "train.py"]
@@ -213,7 +214,7 @@ print(json.dumps({"found": found, "stored": stored, "shm": shm}), file=sys.stder
 
 
 def test_training_inside_the_evaluation_is_on_the_clock(service, honest):
-    # The first forward call in each process trains the same number of steps (about 4.5 s, measured on
+    # The first forward call in each process trains the same number of steps (about 5 s, measured on
     # this machine before the hand-off) on train text the model carries, so every frame gives the same
     # logits: only the clock can catch it.
     code = """
@@ -238,9 +239,10 @@ class Late(nn.Module):
             with torch.enable_grad():
                 self.train_steps(self.steps)
         return self.net(inp)
+Late(0).train_steps(50)  # warm up, then time 200 steps
 start = time.time()
 Late(0).train_steps(200)
-steps = int(200 * 4.5 / (time.time() - start))
+steps = int(200 * 5.0 / (time.time() - start))
 print(json.dumps({"val_bpb": evaluate_bpb(Late(steps), 8)}))
 """
     text = unverified(submit(service, code, "train in forward"), "training clock exceeded", "slowest evaluation frame")

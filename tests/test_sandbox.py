@@ -483,7 +483,7 @@ def test_training_past_the_budget_is_flagged(corpus, tmp_path):
 
 
 @pytest.mark.slow
-def test_model_error_during_evaluation_is_a_crash_with_the_message(corpus, tmp_path):
+def test_model_error_during_evaluation_is_a_crash_with_its_kind(corpus, tmp_path):
     code = """
     import torch, torch.nn as nn
     from prepare import evaluate_bpb
@@ -494,4 +494,4 @@ def test_model_error_during_evaluation_is_a_crash_with_the_message(corpus, tmp_p
     """
     result = run(corpus, tmp_path, code)
     assert result.status == RunStatus.crashed
-    assert any("the model raised during evaluation: ValueError" in reason for reason in result.reasons), result.reasons
+    assert any("the model raised ValueError during evaluation" in reason for reason in result.reasons), result.reasons

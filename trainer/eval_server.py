@@ -93,7 +93,9 @@ def _serve_frame(rfd, wfd, snapshot, payload, frame, device, cloudpickle, torch,
             with torch.no_grad():
                 logits = torch.cat([prepare.logits_of(model, rows.to(device), vocab) for rows in x.split(batch)])
         except BaseException as exc:
-            prepare.send_frame(wfd, {"op": "error", "message": f"{type(exc).__name__}: {exc}"[:300]})
+            # Only the kind leaves the frame: its message could carry validation text (the evaluator
+            # names the kind only when it is a built-in exception)
+            prepare.send_frame(wfd, {"op": "error", "kind": type(exc).__name__[:60]})
         else:
             prepare.send_frame(wfd, {"op": "logits", "shape": list(logits.shape)}, logits.numpy())
             code = 0

@@ -30,6 +30,7 @@ by the same function of its own bytes as every other row.
 """
 from __future__ import annotations
 
+import builtins
 import fcntl
 import json
 import os
@@ -371,7 +372,12 @@ class TrustedEvaluator:
         expected = n * t * w.vocab * 4
         header, payload = server.recv(max_payload=expected)
         if header["op"] == "error":
-            raise ProtocolError(f"the model raised during evaluation: {str(header.get('message'))[:300]}")
+            kind = header.get("kind")
+            builtin = isinstance(getattr(builtins, str(kind), None), type) and issubclass(getattr(builtins, kind), BaseException)
+            raise ProtocolError(f"the model raised {kind if builtin else 'an exception'} during evaluation (its message "
+                                "stays in the sandbox: it could carry validation text; a ValueError or TypeError usually "
+                                "means model(x) did not return logits of shape (B, T, vocab)); call the model on a "
+                                "training batch before evaluate_bpb to see the error in your own log")
         shape = [n, t, w.vocab]
         if header["op"] != "logits" or header.get("shape") != shape or header["nbytes"] != expected:
             raise ProtocolError(f"evaluation protocol violated: expected logits of shape {shape}, "
