@@ -29,6 +29,7 @@ class MemoryCgroup:
     def create(cls, limit_bytes: int, label: str) -> MemoryCgroup | None:
         """A new cgroup capped at limit_bytes (no swap), or None where none can be made."""
         for version, parent in _parents():
+            _sweep(parent)
             path = parent / f"pgolf-{label}-{secrets.token_hex(4)}"
             try:
                 path.mkdir()
@@ -111,3 +112,17 @@ def _parents() -> list[tuple[int, Path]]:
         elif "memory" in controllers.split(","):
             out.append((1, ROOT / "memory" / path.lstrip("/")))
     return sorted(out, key=lambda p: -p[0])
+
+
+def _sweep(parent: Path, min_age_secs: float = 600) -> None:
+    """Remove the empty cgroups of runs whose harness died before it could (kill -9): the kernel refuses
+    to remove one that still holds a process, and a young one may be about to receive its first."""
+    try:
+        stale = [p for p in parent.glob("pgolf-*") if time.time() - p.stat().st_mtime > min_age_secs]
+    except OSError:
+        return
+    for path in stale:
+        try:
+            path.rmdir()
+        except OSError:
+            pass
