@@ -8,7 +8,9 @@
 Caps, set by the launcher before train.py's first line:
 - memory: RLIMIT_DATA = memory_mb per process (a hard allocation failure), and a watchdog that stops
   the run when the proportional set size (PSS) of all its processes plus what its private /tmp and
-  /dev/shm hold exceeds memory_mb (forked children cannot multiply the cap, tmpfs cannot hide from it);
+  /dev/shm hold exceeds memory_mb (forked children cannot multiply the cap, tmpfs cannot hide from it),
+  and, where one can be made, a memory cgroup per sandbox at CGROUP_HEADROOM x memory_mb that holds
+  the cap between two looks (trainer/cgroup.py);
 - disk: everything in the run's folder together at most disk_mb (the watchdog; RLIMIT_FSIZE for a
   single file), and nothing but the recorded outputs is kept after the run;
 - processes: RLIMIT_NPROC = max_procs tasks (processes and threads), and the watchdog's count;
