@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
+from rich.text import Text
 
 from agent.loop import PersonStopped
 from agent.tools import Tool, ToolArgs, ToolFailure
@@ -29,7 +30,7 @@ from budget.models import RunRefused
 from logs.trajectory import SessionEvent
 
 MODES = ("none", "runs", "edits", "all")
-# answer -> decision; the first letter is enough
+# what a person types (its first word: a letter or the word) -> the decision
 ANSWERS = {"y": "approve", "yes": "approve", "n": "reject", "no": "reject", "e": "edit", "edit": "edit",
            "a": "approve_all", "all": "approve_all", "s": "stop", "stop": "stop"}
 
@@ -63,7 +64,7 @@ class ApprovalGate:
             raise ValueError(f"--approve {mode!r}: use one of {', '.join(MODES)}")
         self.mode = mode
         self.console = console
-        self.ask = ask or (lambda prompt: console.input(escape(prompt)))
+        self.ask = ask or (lambda prompt: console.input(Text(prompt)))  # Text: no markup, no highlighting
         self.best_code = best_code  # () -> code of the best run, for the diff shown before a run
         self.record = record or (lambda event: None)  # the trajectory's append
         self.approve_all = False
