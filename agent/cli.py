@@ -129,6 +129,14 @@ def cmd_run(args) -> int:
         except ValidationError as exc:
             err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
             return ExitCode.SETUP
+    if args.resume and args.approve:  # a resumed session may change who approves (the rest is as saved)
+        settings = settings.model_copy(update={"approve": args.approve})
+    if settings.approve != "none" and not sys.stdin.isatty():
+        err.print(f"[red]error:[/red] --approve {settings.approve} waits for a person's answer at a terminal, and "
+                  "stdin is not one. To run unattended, pass --approve none"
+                  + (" (PGOLF_APPROVE is set)" if os.environ.get("PGOLF_APPROVE") and not args.approve else "")
+                  + "; to approve, run the command in a terminal.")
+        return ExitCode.SETUP
     from trainer.corpus import CorpusError, ensure_corpus
     try:
         ensure_corpus()
@@ -259,7 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ray-address", help="join an existing Ray cluster (or RAY_ADDRESS)")
         p.add_argument("--unsafe-no-sandbox", action="store_true", help="run without bubblewrap; results say so")
         p.add_argument("--approve", choices=["none", "runs", "edits", "all"],
-                       help="ask a person before each run / edit / tool call (or PGOLF_APPROVE)")
+                       help="a person at the terminal approves, rejects (with a reason), edits, approves all or "
+                            "stops before each run / edit / tool call (or PGOLF_APPROVE; needs a terminal; with "
+                            "--resume it replaces the saved choice)")
         p.add_argument("--max-llm-calls", type=int, help="stop after this many model calls")
         p.add_argument("--max-cost", type=float, help="stop when the model's cost passes this many USD "
                        "(models outside the price table need --price)")

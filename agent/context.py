@@ -52,14 +52,15 @@ class Context:
             self.history.append(UserMessage(content=text))
 
     def _turns(self) -> list[list[Message]]:
-        """History split into turns, each starting at an assistant message."""
+        """History split into turns, each starting at an assistant message (what came before the first reply,
+        a person's guidance or a notice, is a turn of its own)."""
         turns: list[list[Message]] = []
         for m in self.history:
             if isinstance(m, AssistantMessage) or not turns:
                 turns.append([m])
             else:
                 turns[-1].append(m)
-        return [t for t in turns if isinstance(t[0], AssistantMessage)]
+        return turns
 
     def _fold(self, turns: list[list[Message]]) -> bool:
         """Move the first kept turn forward when the kept turns outgrow max_chars: to half of it, at once."""

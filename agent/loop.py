@@ -13,9 +13,10 @@ import traceback
 from rich.markup import escape
 
 from agent.context import Context
+from agent.guidance import take_guidance
 from agent.model_calls import call_event, turn_line, waiting_for
 from agent.prices import Price
-from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult
+from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult, UserMessage
 from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
 from budget.models import RunResult, RunStatus
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, Trajectory
@@ -45,6 +46,10 @@ class CostLimit(LimitReached):
     pass
 
 
+class PersonStopped(LimitReached):
+    """A person stopped the session at the approval prompt."""
+
+
 class AgentLoop:
     def __init__(self, provider: Provider, toolbox: Toolbox, trajectory: Trajectory, context: Context,
                  system: str, approval=None, max_llm_calls: int | None = None, max_cost_usd: float | None = None,
@@ -71,6 +76,7 @@ class AgentLoop:
     def call_model(self) -> ModelReply:
         if self.max_llm_calls is not None and self.llm_calls >= self.max_llm_calls:
             raise CallLimit(f"--max-llm-calls {self.max_llm_calls} reached")
+        self.deliver_guidance()
         messages = self.context.messages()
         started = time.monotonic()
         try:
@@ -91,6 +97,18 @@ class AgentLoop:
             raise CostLimit(f"--max-cost ${self.max_cost_usd:.2f} exceeded (${self.cost_usd:.2f} spent)")
         return reply
 
+    def deliver_guidance(self) -> None:
+        """A person's new guidance.md reaches the model once, as a labelled user message, and is recorded."""
+        guidance = take_guidance(self.tools.ws.session_dir)
+        if guidance is None:
+            return
+        self.context.add(UserMessage(content=guidance.message()))
+        self.trajectory.append(SessionEvent(event="guidance", detail={
+            "file": guidance.file.name, "text": guidance.text, "to": self.provider.model}))
+        if self.console is not None:
+            self.console.print(f"guidance from {guidance.file.name} goes to {escape(self.provider.model)} with "
+                               "this call")
+
     def run_tool(self, call: ToolCall) -> tuple[ToolResult, bool]:
         """Run one call; the result the model reads, and whether the call fitted a tool's declaration.
 
@@ -102,11 +120,17 @@ class AgentLoop:
         try:
             tool, args = self.tools.parse(call)
             usable = True
-            if self.approval is not None:
-                self.approval.check(tool, args, self.tools)
+            note = self.approval.check(tool, args, self.tools, call.id) if self.approval is not None else None
             output = tool.handler(self.tools, args)
+            if note:  # the person edited the code: the model reads how, before the result
+                output = output.model_copy(update={"text": f"{note}\n\n{output.text}"})
+            if tool.starts_run and output.runs:
+                meta["run_started"] = output.runs[0].run_id
         except ToolFailure as exc:
             error = str(exc)
+        except PersonStopped:
+            self._record(call, None, "not run: a person stopped the session", started, {})
+            raise
         except Finished as done:
             self.summary = done.summary
             self._record(call, "session finished", None, started, {})

@@ -15,7 +15,8 @@ class ExitCode(IntEnum):
         member.doc = doc
         return member
 
-    OK = 0, "`run`: the budget is spent or the researcher called finish; `submit`: a verified run; others: done"
+    OK = 0, ("`run`: the budget is spent, the researcher called finish or a person stopped it at the approval prompt; "
+             "`submit`: a verified run; others: done")
     ERROR = 1, "an unexpected error in the harness (the session's record is still written)"
     SETUP = 2, ("nothing started: a bad flag or file, not a session folder, no corpus, no API key, Ray or the "
                 "sandbox unavailable, the session in use; `submit`: the run was refused (not charged)")
@@ -43,13 +44,14 @@ class StopKind(str, Enum):
     budget_spent = "budget_spent"  # no run or match time left
     limit = "limit"                # --max-llm-calls, --max-cost, malformed replies
     api_failure = "api_failure"
+    stopped = "stopped"            # a person chose "stop" at the approval prompt
     interrupted = "interrupted"    # Ctrl-C
     error = "error"                # a bug in the harness
 
 
-EXIT_CODES = {StopKind.finished: ExitCode.OK, StopKind.budget_spent: ExitCode.OK, StopKind.limit: ExitCode.LIMIT,
-              StopKind.api_failure: ExitCode.API_FAILURE, StopKind.interrupted: ExitCode.INTERRUPTED,
-              StopKind.error: ExitCode.ERROR}
+EXIT_CODES = {StopKind.finished: ExitCode.OK, StopKind.budget_spent: ExitCode.OK, StopKind.stopped: ExitCode.OK,
+              StopKind.limit: ExitCode.LIMIT, StopKind.api_failure: ExitCode.API_FAILURE,
+              StopKind.interrupted: ExitCode.INTERRUPTED, StopKind.error: ExitCode.ERROR}
 
 
 @dataclass(frozen=True)

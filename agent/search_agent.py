@@ -36,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.guidance import guidance_in
 from agent.planner import PROBES, SPACE, tpe_proposal, valid
 from agent.providers.base import AssistantMessage, ModelReply, ToolCall
 from trainer.contention import CONTENDED
@@ -232,6 +233,9 @@ class SearchResearcher:
             else:
                 text, more = proposal
                 calls += more
+        heard = guidance_in(last)
+        if heard is not None:  # recorded and answered, though it cannot change what this researcher does
+            calls.insert(0, ("write_note", {"kind": "plan", "text": self.acknowledge(heard)}))
         self.calls += 1
         tool_calls = [ToolCall(id=f"s{self.calls}_{i}", name=n, arguments=a, raw_arguments=json.dumps(a), error=None)
                       for i, (n, a) in enumerate(calls)]
@@ -245,6 +249,12 @@ class SearchResearcher:
         if k.incumbent is None:
             return None
         return (self.session_dir / "runs" / f"{k.incumbent.run_id:03d}" / "train.py").read_text()
+
+    def acknowledge(self, guidance: str) -> str:
+        short = guidance if len(guidance) <= 300 else guidance[:297] + "..."
+        return (f"A person's guidance arrived: \"{short}\". This offline researcher ({self.model}) cannot read prose: "
+                "it decides from the measured runs only, so its plan goes on unchanged. An LLM researcher "
+                "(--agent anthropic or openai) reads and follows such guidance.")
 
     # --- decisions -------------------------------------------------------------
     def notes_on_new_runs(self, k: Knowledge) -> list[tuple[str, dict]]:

@@ -12,7 +12,7 @@ from rich.console import Console
 
 from agent.approval import ApprovalGate
 from agent.context import Context
-from agent.loop import AgentLoop, LimitReached
+from agent.loop import AgentLoop, LimitReached, PersonStopped
 from agent.model_calls import call_event, preflight, retry_line, totals_line
 from agent.outcome import SessionEnd, StopKind
 from agent.prices import Price, price_for
@@ -22,7 +22,7 @@ from agent.tools import TOOL_SPECS, Toolbox, Workspace, run_line
 from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
 from logs.export import build_submission, session_window
-from logs.methodology import write_methodology
+from logs.methodology import person_section, write_methodology
 from logs.plot import plot_svg
 from logs.trajectory import SessionEvent, Trajectory
 
@@ -199,7 +199,8 @@ class Session:
                               background=self.settings.background_runs and kind in ("anthropic", "openai"))
             approval = None
             if self.settings.approve != "none":
-                approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code)
+                approval = ApprovalGate(self.settings.approve, self.console, best_code=self._best_code,
+                                        record=self.trajectory.append)
             loop = AgentLoop(researcher, toolbox, self.trajectory,
                              Context(self.state, max_chars=self.settings.context_chars, brief=self.brief),
                              (PROMPTS / "system.txt").read_text() + "\n" + self._task(toolbox.background), approval=approval,
@@ -211,6 +212,8 @@ class Session:
                                 if e.type == "llm_call")
             reason = loop.run()
             self.end = SessionEnd(StopKind.finished if loop.summary else StopKind.budget_spent, reason)
+        except PersonStopped as exc:
+            self.end = SessionEnd(StopKind.stopped, str(exc))
         except LimitReached as exc:
             self.end = SessionEnd(StopKind.limit, str(exc))
         except ProviderError as exc:
@@ -245,6 +248,7 @@ class Session:
         runs = self.service.runs()
         status = self.service.status()
         methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.end.reason)
+        methodology += person_section(self.trajectory.events())
         (self.dir / "methodology.md").write_text(methodology)
         (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
         table = "\n".join(run_line(r) for r in runs)
