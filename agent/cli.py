@@ -189,10 +189,6 @@ def cmd_export(args) -> int:
     starts = [e for e in events if e.event == "start"]
     session = Session(settings, console, service=ledger)
     session.workspace.load_notes()
-    agent = starts[0].detail.get("agent") if starts else None
-    if agent in ("search", "random"):  # stateless: its claimed best configuration is read from the runs on disk
-        from agent.session import make_researcher
-        session.researcher = make_researcher(agent, settings)
     if events and events[-1].event == "end":  # else it was killed: "the harness stopped without finishing"
         detail = events[-1].detail
         kind = StopKind(detail["kind"]) if detail.get("kind") in {k.value for k in StopKind} else StopKind.error

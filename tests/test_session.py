@@ -33,7 +33,8 @@ def check_record(session_dir: Path, runs_expected: int):
     assert sub.metadata.tool_call_count == sum(isinstance(e, ToolCallEvent) for e in events)
     assert "| run |" in (session_dir / "methodology.md").read_text()
     assert (session_dir / "best_train.py").read_text().strip()
-    assert (session_dir / "val_bpb.svg").read_text().startswith("<svg")
+    assert (session_dir / "progress.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert len((session_dir / "results.tsv").read_text().splitlines()) == runs_expected + 1
     return results, events
 
 
