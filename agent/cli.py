@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     from budget.cli import add_commands
     add_commands(sub)
 
+    # the session record: sessions, report, compare, watch, rerun (logs/commands.py)
+    from logs.commands import add_commands as add_record_commands
+    add_record_commands(sub)
+
     p = sub.add_parser("doctor", help="check Python, torch, Ray, the sandbox, the corpus and API keys")
     p.set_defaults(func=cmd_doctor)
     return parser

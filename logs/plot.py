@@ -100,8 +100,9 @@ def _draw(ax, runs: list[RunResult], claim: Claim) -> None:
     band = (base - claim.noise, base + claim.noise) if base is not None else None
     valued = [(r, shown_value(r)) for r in runs if shown_value(r) is not None]
     lo, hi = scale([v for _, v in valued], band) if valued or band else (0.0, 1.0)
+    unscored = [r for r in runs if shown_value(r) is None]
     top_strip = hi + (hi - lo) * 0.06  # where runs without a score are drawn
-    ax.set_ylim(lo, top_strip + (hi - lo) * 0.06)
+    ax.set_ylim(lo, top_strip + (hi - lo) * 0.06 if unscored else hi)
     ax.set_xlim(-0.7, max((r.run_id for r in runs), default=0) + 0.7)
     if band:
         noise = f"noise {claim.noise:.4f}" + ("" if claim.noise_measured else " (assumed: not measured)")
@@ -135,17 +136,17 @@ def _draw(ax, runs: list[RunResult], claim: Claim) -> None:
                 edgecolors="#1f77b4", zorder=3)
         else:
             put("unverified (flagged; its number)", r.run_id, y, marker="x", s=50, color="#e377c2", zorder=3)
-    for r in runs:
-        if shown_value(r) is None:
-            name, marker, color = NO_SCORE.get(r.status, (r.status.value, "P", "#8c564b"))
-            put(f"{name} (no score; top strip)", r.run_id, top_strip, marker=marker, s=50, color=color, zorder=3)
+    for r in unscored:
+        name, marker, color = NO_SCORE.get(r.status, (r.status.value, "P", "#8c564b"))
+        put(f"{name} (no score; top strip)", r.run_id, top_strip, marker=marker, s=50, color=color, zorder=3)
     for label, (xs, ys, style) in groups.items():
         ax.scatter(xs, ys, label=label, **style)
     for i, (x, v, y) in enumerate(clipped):
         ax.scatter([x], [y], marker="^" if v > y else "v", s=90, facecolors="none", edgecolors="black", zorder=5,
                    label="clipped: off the scale (value beside)" if i == 0 else None)
         ax.annotate(f"{v:.3f}", (x, y), textcoords="offset points", xytext=(6, -10 if v > y else 6), fontsize=7)
-    ax.axhline(hi, color="grey", lw=0.5)  # the scale ends here; above: runs without a score
+    if unscored:
+        ax.axhline(hi, color="grey", lw=0.5)  # the scale ends here; above: runs without a score
 
 
 def text_chart(runs: list[RunResult], claim: Claim, width: int = 40) -> str:
