@@ -19,7 +19,7 @@ from rich.markup import escape
 from agent.outcome import ExitCode
 from budget.cli import ProgressPrinter, err, fail, out, print_table
 from budget.models import Budget, RunRefused, RunRequest
-from logs.claim import DEFAULT_SEED, make_claim, run_code
+from logs.claim import DEFAULT_SEED, make_claim, not_evidence, run_code
 from logs.sessions import NoSession, read_session, resolve_session
 
 RERUNS_DIR = "reruns"
@@ -56,10 +56,11 @@ class Pair(BaseModel):
     source_runs: list[int]           # the recorded runs of this code
     seed: int
     recorded_run: int | None = None
-    recorded_val_bpb: float | None = None
+    recorded_val_bpb: float | None = None  # only a score that counts (logs/claim.py: verified, quiet)
+    recorded_status: str | None = None
     rerun: int | None = None
     new_val_bpb: float | None = None
-    new_status: str | None = None
+    new_status: str | None = None  # "counts", or why the new score does not
 
 
 class Plan(BaseModel):
@@ -104,8 +105,11 @@ def plan(folder: Path, best: bool, ids: list[int] | None, seeds: int | None) -> 
                 chosen.append(candidate)
             candidate += 1
         plans.append(Plan(code=run_code(folder, first), source_runs=members, pairs=[
-            Pair(source_runs=members, seed=s, recorded_run=recorded[s].run_id if s in recorded else None,
-                 recorded_val_bpb=recorded[s].val_bpb if s in recorded else None) for s in chosen]))
+            Pair(source_runs=members, seed=s, **({"recorded_run": recorded[s].run_id,
+                                                  "recorded_status": not_evidence(recorded[s]) or "counts",
+                                                  "recorded_val_bpb": recorded[s].val_bpb
+                                                  if not_evidence(recorded[s]) is None else None}
+                                                 if s in recorded else {})) for s in chosen]))
     return plans
 
 
@@ -142,8 +146,8 @@ def cmd_rerun(args) -> int:
                             train_code=pl.code, seed=pair.seed, description=f"rerun of {source}, seed {pair.seed}",
                             hypothesis=f"reproduces {folder.name} runs {', '.join(map(str, pl.source_runs))}"),
                             wait=True, on_progress=progress)
-                    pair.rerun, pair.new_status = result.run_id, result.status.value
-                    pair.new_val_bpb = result.val_bpb if result.counts_as_best else None
+                    pair.rerun, pair.new_status = result.run_id, not_evidence(result) or "counts"
+                    pair.new_val_bpb = result.val_bpb if not_evidence(result) is None else None
                     (rerun_dir / "rerun.json").write_text(json.dumps(
                         {"session": str(folder), "pairs": [p.model_dump() for p in pairs]}, indent=1))
     except RunRefused as exc:
@@ -163,9 +167,10 @@ def show(plans: list[Plan], rerun_dir: Path) -> None:
     for pl in plans:
         code = "runs " + ", ".join(map(str, pl.source_runs))
         for p in pl.pairs:
-            rows.append((code, str(p.seed), "-" if p.recorded_run is None else str(p.recorded_run),
-                         bpb(p.recorded_val_bpb), str(p.rerun), bpb(p.new_val_bpb) if p.new_val_bpb is not None
-                         else f"- ({p.new_status})"))
+            recorded = (bpb(p.recorded_val_bpb) if p.recorded_val_bpb is not None or p.recorded_run is None
+                        else f"- ({p.recorded_status})")
+            rows.append((code, str(p.seed), "-" if p.recorded_run is None else str(p.recorded_run), recorded,
+                         str(p.rerun), bpb(p.new_val_bpb) if p.new_val_bpb is not None else f"- ({p.new_status})"))
         rows.append((code, "all", "", spread_text([p.recorded_val_bpb for p in pl.pairs]), "",
                      spread_text([p.new_val_bpb for p in pl.pairs])))
     print_table("recorded and new val_bpb", ("code", "seed", "recorded run", "recorded val_bpb", "rerun",
