@@ -251,7 +251,7 @@ class Session:
         picture, missing = draw_progress(self.dir, runs, claim)
         table = "\n".join(run_line(r) for r in runs)
         self.console.print(f"\n{table}\n\nstopped: {self.end.reason}\n{totals_line(self.trajectory.events(), runs)}")
-        self.console.print(claim.sentence())
+        self.console.print(claim.sentence(), markup=False, highlight=False)
         if missing:
             self.console.print(f"[yellow]{missing}[/yellow]")
         if best_code is None:

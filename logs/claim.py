@@ -147,6 +147,8 @@ class Configuration(BaseModel):
         if not self.scores:
             return f"run{'s' if len(self.runs) > 1 else ''} {_ids(self.runs)}, no score that counts"
         seeds = ", ".join(f"run {r} seed {s}: {v:.4f}" for r, s, v in zip(self.scored_runs, self.seeds, self.scores))
+        if len(self.scores) == 1:
+            return f"{self.mean:.4f} from a single seed, so no spread ({seeds})"
         return f"mean {self.mean:.4f} over {len(self.scores)} seed(s), spread {self.spread:.4f} ({seeds})"
 
 
