@@ -149,7 +149,9 @@ class Configuration(BaseModel):
         seeds = ", ".join(f"run {r} seed {s}: {v:.4f}" for r, s, v in zip(self.scored_runs, self.seeds, self.scores))
         if len(self.scores) == 1:
             return f"{self.mean:.4f} from a single seed, so no spread ({seeds})"
-        return f"mean {self.mean:.4f} over {len(self.scores)} seed(s), spread {self.spread:.4f} ({seeds})"
+        distinct = len(set(self.seeds))
+        over = f"{len(self.scores)} seed(s)" if distinct == len(self.scores) else f"{len(self.scores)} runs, {distinct} seed(s)"
+        return f"mean {self.mean:.4f} over {over}, spread {self.spread:.4f} ({seeds})"
 
 
 def _ids(ids: list[int]) -> str:
@@ -168,6 +170,7 @@ class Claim(BaseModel):
     contended_only: bool = False        # no quiet run was verified: contended runs stood in
     configuration_of: dict[int, int] = {}  # run id -> the first run of its configuration
     seed_of: dict[int, int] = {}           # run id -> its seed
+    measured_configurations: int = 0       # configurations with a score that counts
 
     @property
     def best_is_baseline(self) -> bool:
@@ -182,6 +185,9 @@ class Claim(BaseModel):
                  f"{self.noise:.4f} bpb is assumed; `pgolf-agent rerun SESSION --best --seeds 3` measures it")
         caveat = (" Every verified run shared its cores with other work, so these scores are lower bounds of what "
                   "the code can do." if self.contended_only else "")
+        if self.best_is_baseline and self.measured_configurations == 1:
+            return (f"Only the baseline's configuration was measured (runs {_ids(self.best.runs)}; "
+                    f"{self.best.text()}); {noise}.{caveat}")
         if self.best_is_baseline:
             return (f"Nothing beat the noise: the best configuration is the baseline's own (runs "
                     f"{_ids(self.best.runs)}; {self.best.text()}); {noise}.{caveat}")
@@ -226,7 +232,8 @@ def make_claim(runs: list[RunResult], session_dir: Path) -> Claim:
         first.setdefault(m.key, m.run_id)
     claim = Claim(noise=verdict.bar, noise_measured=verdict.noise is not None, contended_only=contended_only,
                   configuration_of={m.run_id: first[m.key] for m in verdict.measures},
-                  seed_of={m.run_id: m.seed for m in verdict.measures})
+                  seed_of={m.run_id: m.seed for m in verdict.measures},
+                  measured_configurations=len({m.key for m in verdict.measures if m.score is not None}))
     if not verdict.measures:
         return claim
     claim.baseline = _configuration(verdict, verdict.measures[0].key)

@@ -62,7 +62,7 @@ def resolve_session(name: str | Path | None, root: Path | None = None) -> Path:
         if not folder.is_dir() and (sessions_root() / str(name)).is_dir():
             folder = sessions_root() / str(name)  # an id under the root
         if not is_session(folder):
-            raise NoSession(f"{folder} is not a session folder (no {LEDGER_FILE} or {SETTINGS_FILE}); "
+            raise NoSession(f"no session in {folder} (no {LEDGER_FILE} or {SETTINGS_FILE}); "
                             "`pgolf-agent sessions` lists the sessions")
         return folder
     found = find_sessions(root)
