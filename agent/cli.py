@@ -120,7 +120,8 @@ def cmd_run(args) -> int:
             err.print(f"[red]error:[/red] {exc}")
             return ExitCode.SETUP
     else:
-        session_dir = Path(args.session) if args.session else new_session_dir(Path(os.environ.get("PGOLF_SESSIONS_DIR", "sessions")))
+        from logs.sessions import sessions_root
+        session_dir = Path(args.session) if args.session else new_session_dir(sessions_root())
         if (session_dir / "settings.json").exists():
             err.print(f"[red]error:[/red] {session_dir} already holds a session; continue it with --resume {session_dir}")
             return ExitCode.SETUP
