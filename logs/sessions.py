@@ -85,7 +85,7 @@ class SessionSummary(BaseModel):
     runs_used: int
     max_runs: int | None
     best_val_bpb: float | None          # the claimed best configuration's mean
-    best_runs: list[int]
+    best_runs: list[int]                # its runs whose scores make that mean
     beat_noise: bool
     noise: float
     runs_to_best: int | None            # runs used when the best configuration was first measured
@@ -101,7 +101,9 @@ class SessionSummary(BaseModel):
     def best_text(self) -> str:
         if self.best_val_bpb is None:
             return "none"
-        return f"{self.best_val_bpb:.4f} (run {', '.join(map(str, self.best_runs))})"
+        if len(self.best_runs) == 1:
+            return f"{self.best_val_bpb:.4f} (run {self.best_runs[0]})"
+        return f"{self.best_val_bpb:.4f} (mean of runs {', '.join(map(str, self.best_runs))})"
 
 
 def is_running(folder: Path) -> bool:
@@ -141,7 +143,7 @@ def summarize(folder: Path) -> SessionSummary:
     return SessionSummary(
         id=folder.name, path=folder, researcher=researcher, model=model, started=begun, state=state,
         runs_used=status.runs_used if status else 0, max_runs=status.budget.max_runs if status and status.budget else None,
-        best_val_bpb=claim.best.mean if claim.best else None, best_runs=claim.best.runs if claim.best else [],
+        best_val_bpb=claim.best.mean if claim.best else None, best_runs=claim.best.scored_runs if claim.best else [],
         beat_noise=claim.beat_noise, noise=claim.noise,
         runs_to_best=first_best.run_id + 1 if first_best else None,
         secs_to_best=(first_best.finished_at - begun).total_seconds() if first_best and first_best.finished_at else None,
