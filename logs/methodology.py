@@ -57,7 +57,7 @@ def write_methodology(runs: list[RunResult], notes, status: BudgetStatus, model_
     lines += ["## Runs", "", "Column `config`: the first run of the same code (another seed of it when not the run "
               "itself).", "", "| run | config | seed | status | val_bpb | reported | description | hypothesis |",
               "|---|---|---|---|---|---|---|---|"]
-    best = set(claim.best.runs) if claim.best else set()
+    best = set(claim.best.scored_runs) if claim.best else set()  # the runs its mean is made of
     for r in runs:
         cell = lambda s: (s or "").replace("|", "/").replace("\n", " ")[:160]
         status_cell = r.status.value + ("" if r.verified or r.status.value != "completed" else " (unverified)")
