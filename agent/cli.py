@@ -120,7 +120,8 @@ def cmd_run(args) -> int:
             err.print(f"[red]error:[/red] {exc}")
             return ExitCode.SETUP
     else:
-        session_dir = Path(args.session) if args.session else new_session_dir(Path(os.environ.get("PGOLF_SESSIONS_DIR", "sessions")))
+        from logs.sessions import sessions_root
+        session_dir = Path(args.session) if args.session else new_session_dir(sessions_root())
         if (session_dir / "settings.json").exists():
             err.print(f"[red]error:[/red] {session_dir} already holds a session; continue it with --resume {session_dir}")
             return ExitCode.SETUP
@@ -197,10 +198,6 @@ def cmd_export(args) -> int:
     starts = [e for e in events if e.event == "start"]
     session = Session(settings, console, service=ledger)
     session.workspace.load_notes()
-    agent = starts[0].detail.get("agent") if starts else None
-    if agent in ("search", "random"):  # stateless: its claimed best configuration is read from the runs on disk
-        from agent.session import make_researcher
-        session.researcher = make_researcher(agent, settings)
     if events and events[-1].event == "end":  # else it was killed: "the harness stopped without finishing"
         detail = events[-1].detail
         kind = StopKind(detail["kind"]) if detail.get("kind") in {k.value for k in StopKind} else StopKind.error
@@ -302,6 +299,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     from budget.cli import add_commands
     add_commands(sub)
+
+    # the session record: sessions, report, compare, watch, rerun (logs/commands.py)
+    from logs.commands import add_commands as add_record_commands
+    add_record_commands(sub)
 
     p = sub.add_parser("doctor", help="check Python, torch, Ray, the sandbox, the corpus and API keys")
     p.set_defaults(func=cmd_doctor)

@@ -2,8 +2,9 @@
 
 It plans its runs from everything measured so far (agent/planner.py) and keeps
 a change only when it beats the incumbent by more than the measured run-to-run
-noise. It is stateless: every decision is recomputed from the runs on disk, so
-a resumed session continues where it stopped.
+noise, by the rule every report of a session uses (logs/claim.py). It is
+stateless: every decision is recomputed from the runs on disk, so a resumed
+session continues where it stopped.
 
 Method:
 1. Run 0 (the baseline) is repeated with another seed to measure noise; the
@@ -39,12 +40,12 @@ from pathlib import Path
 from agent.guidance import guidance_in
 from agent.planner import PROBES, SPACE, tpe_proposal, valid
 from agent.providers.base import AssistantMessage, ModelReply, ToolCall
-from trainer.contention import CONTENDED
+from budget.models import RunResult
+from logs.claim import DEFAULT_SEED, MIN_NOISE, Measure, judge, not_evidence
 
 SETTING_LINE = re.compile(r"^(?P<name>[a-z_][a-z0-9_]*) = (?P<value>[^#\n]+?)(?P<comment>\s+#.*)?$", re.M)
-MIN_NOISE = 0.003
 MAX_SEEDS = 3  # seeds a configuration the noise hid gets before it is left unresolved
-SEED_BASE = 42
+SEED_BASE = DEFAULT_SEED
 
 def parse_settings(code: str) -> dict[str, object]:
     """The literal `name = value` lines of the settings block."""
@@ -144,43 +145,28 @@ class Knowledge:
 
 
 def read_knowledge(session_dir: Path) -> Knowledge:
+    """The trials on disk, judged by the session's claim rule (logs/claim.py) over their settings."""
     k = Knowledge()
     for run_dir in sorted((session_dir / "runs").glob("[0-9]*")):
         code_file, result_file = run_dir / "train.py", run_dir / "result.json"
         if not code_file.exists():
             continue
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        ok = result.get("verified") and result.get("status") == "completed"
-        status = result.get("status", "interrupted")
-        # Other work stole steps (and stretched the clock): neither a score nor a failure of the code
-        if status in ("completed", "unverified", "timeout") and (result.get("cpu_others") or 0) > CONTENDED:
-            ok, status = False, f"contended: other work took {result['cpu_others']:.0%} of the cores"
+        result = RunResult.model_validate_json(result_file.read_text()) if result_file.exists() else None
+        reason = not_evidence(result) if result else "interrupted"
         k.trials.append(Trial(int(run_dir.name), parse_settings(code_file.read_text()),
-                              result.get("seed") or SEED_BASE, result.get("val_bpb") if ok else None,
-                              status, result.get("description", "")))
-    if not k.trials:
-        return k
-    # Noise: the widest spread between seeds of any configuration measured more than once
-    # (the baseline pair first, then every confirmation), so it only grows as evidence comes in.
-    spreads = [max(sc) - min(sc) for sc in (k.scores(c) for c in _distinct(t.cfg for t in k.trials)) if len(sc) >= 2]
-    if spreads:
-        k.noise = max(MIN_NOISE, *spreads)
-    # Replay acceptance in run order: a trial replaces the incumbent only if it beats it by the noise.
-    noise = k.noise or MIN_NOISE
-    for t in k.trials:
-        if t.val_bpb is None:
-            continue
-        if k.incumbent is None:
-            k.incumbent = t
-            continue
-        mean = sum(k.scores(t.cfg)) / len(k.scores(t.cfg))
-        inc_mean = sum(k.scores(k.incumbent.cfg)) / len(k.scores(k.incumbent.cfg))
-        if t.cfg != k.incumbent.cfg and mean < inc_mean - noise:
-            k.incumbent, k.last_gain = t, inc_mean - mean
-    if k.incumbent:
-        scores = k.scores(k.incumbent.cfg)
-        k.incumbent_mean = sum(scores) / len(scores)
+                              (result.seed if result else None) or SEED_BASE,
+                              result.val_bpb if reason is None else None,
+                              reason or result.status.value, result.description if result else ""))
+    verdict = judge([Measure(t.run_id, cfg_key(t.cfg), t.seed, t.val_bpb) for t in k.trials])
+    k.noise, k.last_gain = verdict.noise, verdict.last_gain
+    if verdict.incumbent:
+        k.incumbent = next(t for t in k.trials if t.run_id == verdict.incumbent.run_id)
+        k.incumbent_mean = verdict.mean(verdict.incumbent.key)
     return k
+
+
+def cfg_key(cfg: dict) -> str:
+    return json.dumps(cfg, sort_keys=True, default=str)
 
 
 def _distinct(cfgs) -> list[dict]:
@@ -242,13 +228,6 @@ class SearchResearcher:
         return ModelReply(text=text, tool_calls=tool_calls, input_tokens=0, output_tokens=0, model=self.model,
                           stop_reason="tool_use", duration_ms=int((time.monotonic() - started) * 1000),
                           request_chars=sum(len(getattr(m, "content", "") or "") for m in messages))
-
-    def best_code(self) -> str | None:
-        """train.py of the claimed best configuration (kept by its mean over seeds), for best_train.py."""
-        k = read_knowledge(self.session_dir)
-        if k.incumbent is None:
-            return None
-        return (self.session_dir / "runs" / f"{k.incumbent.run_id:03d}" / "train.py").read_text()
 
     def acknowledge(self, guidance: str) -> str:
         short = guidance if len(guidance) <= 300 else guidance[:297] + "..."

@@ -22,8 +22,9 @@ from agent.tools import TOOL_SPECS, Toolbox, Workspace, run_line
 from budget.cli import ProgressPrinter
 from budget.models import Budget, RunRequest
 from logs.export import build_submission, session_window
+from logs.claim import claim_of
 from logs.methodology import person_section, write_methodology
-from logs.plot import plot_svg
+from logs.plot import draw_progress
 from logs.trajectory import SessionEvent, Trajectory
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -238,35 +239,36 @@ class Session:
                 "attempt": retry.attempt, "of": retry.of, "delay_s": round(retry.delay_s, 2), "error": retry.error}))
 
     def _best_code(self) -> str:
-        best = self.service.status().best_run_id
-        path = self.dir / "runs" / f"{best:03d}" / "train.py" if best is not None else BASELINE
-        return path.read_text()
+        """The claimed best configuration's train.py (the baseline before any verified run)."""
+        return claim_of(self.dir, self.service.runs())[1] or BASELINE.read_text()
 
     def finish(self, model_id: str, submission_path: Path | None = None) -> Path | None:
-        """Write the session record: methodology, best code, plot, and the submission (where there is verified
-        code to submit); returns the submission's path, or None."""
+        """Write the session record: methodology, best code, picture, results.tsv, and the submission (where there
+        is verified code to submit); returns the submission's path, or None."""
         runs = self.service.runs()
         status = self.service.status()
-        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.end.reason)
+        claim, best_code = claim_of(self.dir, runs)
+        methodology = write_methodology(runs, self.workspace.notes, status, model_id, self.end.reason, claim,
+                                        replayed=self.settings.agent == "replay")
         methodology += person_section(self.trajectory.events())
         (self.dir / "methodology.md").write_text(methodology)
-        (self.dir / "val_bpb.svg").write_text(plot_svg(runs))
+        picture, missing = draw_progress(self.dir, runs, claim)
         table = "\n".join(run_line(r) for r in runs)
         self.console.print(f"\n{table}\n\nstopped: {self.end.reason}\n{totals_line(self.trajectory.events(), runs)}")
-        if status.best_run_id is None:
+        self.console.print(claim.sentence(), markup=False, highlight=False)
+        if missing:
+            self.console.print(f"[yellow]{missing}[/yellow]")
+        if best_code is None:
             self.console.print("[yellow]no run was verified[/yellow], so there is no code this session can vouch "
                                f"for: no submission written (methodology and trajectory are in {self.dir})")
             return None
-        # a researcher that claims a best configuration (mean over seeds) names it; else the best single run
-        best_code = getattr(self.researcher, "best_code", lambda: None)() or self._best_code()
         (self.dir / "best_train.py").write_text(best_code)
         events = self.trajectory.events()
         submission = build_submission(best_code, methodology, events, model_id, *session_window(events))
         path = submission_path or self.dir / "submission.json"
         path.write_text(submission.to_json())
-        self.console.print(f"best verified val_bpb: {status.best_val_bpb:.4f} (run {status.best_run_id})\n"
-                           f"session record: {self.dir}\nsubmission: {path} ({len(submission.metadata.replay_log)} "
-                           "replay steps)")
+        self.console.print(f"session record: {self.dir} (picture: {picture.name})\nsubmission: {path} "
+                           f"(train_code of run {claim.best_run_id}, {len(submission.metadata.replay_log)} replay steps)")
         return path
 
 

@@ -54,8 +54,7 @@ def add_commands(subparsers) -> None:
     service = subparsers.add_parser("service", help="the training service: a session's budget and runs")
     commands = service.add_subparsers(dest="service_command", metavar="COMMAND", required=True)
     p = commands.add_parser("status", help="show a session's budget and runs (also while a harness drives it)")
-    p.add_argument("--session", default=str(DEFAULT_SESSION), metavar="DIR",
-                   help=f"session folder (default ./{DEFAULT_SESSION})")
+    p.add_argument("--session", metavar="DIR", help="session folder (default: the latest session)")
     p.add_argument("--json", action="store_true", help="print the status and every run as JSON")
     p.set_defaults(func=cmd_service_status)
 
@@ -225,7 +224,8 @@ def status_lines(s: BudgetStatus) -> list[tuple[str, str]]:
         ("session_started_at", f"{s.session_started_at:%Y-%m-%d %H:%M:%S} UTC"),
         ("per_run", f"time budget {b.time_budget_secs:g} s, timeout {b.run_timeout_secs:g} s" if b else ""),
         ("running", ", ".join(map(str, s.active_run_ids)) or "none"),
-        ("best", f"run {s.best_run_id}: val_bpb {s.best_val_bpb:.4f}" if s.best_run_id is not None else "none yet"),
+        ("best single run", f"run {s.best_run_id}: val_bpb {s.best_val_bpb:.4f} (one seed; `pgolf-agent report` "
+                            "gives the claimed best configuration)" if s.best_run_id is not None else "none yet"),
     ]
 
 
@@ -237,39 +237,61 @@ def run_row(r: RunResult) -> tuple[str, ...]:
             "yes" if r.verified else "no", "; ".join(r.reasons), number(r.training_secs, 1), r.description)
 
 
+def print_table(title: str, columns: tuple[str, ...], rows: list[tuple[str, ...]], styles: dict[int, str] | None = None):
+    """A rich table on a terminal; tab-separated lines under a header otherwise. `styles`: row index -> style of
+    its second cell (a status)."""
+    if out.is_terminal:
+        table = Table(title=title)
+        for column in columns:
+            table.add_column(column, overflow="fold")
+        for i, row in enumerate(rows):
+            cells = [escape(v) for v in row]
+            if styles and i in styles:
+                cells[1] = f"[{styles[i]}]{cells[1]}[/{styles[i]}]"
+            table.add_row(*cells)
+        out.print(table)
+        return
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(v.replace("\t", " ").replace("\n", " ") for v in row))
+
+
+def print_runs(runs: list[RunResult], configuration_of: dict[int, int] | None = None) -> None:
+    """The run table; with `configuration_of`, a column naming each run's configuration (its first run)."""
+    columns = RUN_COLUMNS if configuration_of is None else (RUN_COLUMNS[0], "config", *RUN_COLUMNS[1:])
+    rows = [run_row(r) if configuration_of is None else
+            (str(r.run_id), str(configuration_of.get(r.run_id, r.run_id)), *run_row(r)[1:]) for r in runs]
+    print_table("runs", columns, rows, {i: STATUS_STYLE.get(r.status, "red") for i, r in enumerate(runs)})
+
+
+def print_status(session_dir: Path, status: BudgetStatus) -> None:
+    if out.is_terminal:
+        summary = Table(title=f"session {session_dir}", show_header=False)
+        for key, value in status_lines(status):
+            summary.add_row(key, value)
+        out.print(summary)
+    else:
+        print(f"session: {session_dir}")
+        for key, value in status_lines(status):
+            print(f"{key}: {value}")
+
+
 def cmd_service_status(args) -> int:
     from budget.ledger import Ledger, SessionNotFound
+    from logs.sessions import NoSession, resolve_session
 
     try:
-        with Ledger.open(args.session, exclusive=False) as ledger:
+        session_dir = resolve_session(args.session)
+        with Ledger.open(session_dir, exclusive=False) as ledger:
             status, runs = ledger.status(), ledger.runs()
-    except SessionNotFound as exc:
+    except (SessionNotFound, NoSession) as exc:
         return fail(str(exc))
     if args.json:
         print(json.dumps({"status": status.model_dump(mode="json"), "runs": [r.model_dump(mode="json") for r in runs]},
                          indent=2))
         return 0
-    if out.is_terminal:
-        summary = Table(title=f"session {ledger.session_dir}", show_header=False)
-        for key, value in status_lines(status):
-            summary.add_row(key, value)
-        out.print(summary)
-        table = Table(title="runs")
-        for column in RUN_COLUMNS:
-            table.add_column(column, overflow="fold")
-        for r in runs:
-            row = [escape(v) for v in run_row(r)]
-            style = STATUS_STYLE.get(r.status, "red")
-            row[1] = f"[{style}]{row[1]}[/{style}]"
-            table.add_row(*row)
-        out.print(table)
-    else:
-        print(f"session: {ledger.session_dir}")
-        for key, value in status_lines(status):
-            print(f"{key}: {value}")
-        print("\t".join(RUN_COLUMNS))
-        for r in runs:
-            print("\t".join(v.replace("\t", " ").replace("\n", " ") for v in run_row(r)))
+    print_status(ledger.session_dir, status)
+    print_runs(runs)
     unsandboxed = [str(r.run_id) for r in runs if not r.sandboxed]
     if unsandboxed:
         err.print(f"[yellow]warning:[/yellow] run {', '.join(unsandboxed)} ran without the sandbox")

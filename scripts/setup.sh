@@ -20,6 +20,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # torch first and pinned: an open range would pull a multi-GB CUDA build on CPU-only machines.
 .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/pip install -q --disable-pip-version-check "torch==${TORCH_VERSION:-2.13.0}"
-.venv/bin/pip install -q --disable-pip-version-check -e '.[dev]'
+.venv/bin/pip install -q --disable-pip-version-check -e '.[dev,plot]'
 .venv/bin/pgolf-agent data >/dev/null
 echo "setup: done (.venv/bin/pgolf-agent)"

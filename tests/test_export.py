@@ -90,7 +90,8 @@ def record_session(folder: Path, verified: bool = True, extra_steps: int = 0) ->
         for run_id, bpb in ((0, 2.1), (1, 2.0)):
             ledger.reserve(RunRequest(train_code=CODE, description=f"run {run_id}"))
             (folder / "runs" / f"{run_id:03d}").mkdir(parents=True)
-            (folder / "runs" / f"{run_id:03d}" / "train.py").write_text(CODE + f"# run {run_id}\n")
+            edit = CODE if run_id == 0 else CODE.replace("learning_rate = 3e-3", "learning_rate = 5e-3")
+            (folder / "runs" / f"{run_id:03d}" / "train.py").write_text(edit + f"# run {run_id}\n")
             ok = verified or run_id == 1  # without `verified`, only a crash and an unverified baseline
             ledger.finish(run_id, RunResult(run_id=run_id, status=RunStatus.completed if ok and verified else
                                             RunStatus.crashed, verified=ok and verified, val_bpb=bpb if verified else None))
@@ -119,7 +120,7 @@ def test_export_of_a_recorded_session_passes_check_and_an_independent_validator(
     assert steps[3]["error"] is True and "expected an integer" in steps[3]["output"]
     assert steps[1]["error"] is False and "null" not in json.dumps(steps)
     assert utf16_len(steps[0]["response_text"]) <= 50000 < utf16_len("😀" * 30000)  # cut in UTF-16 units
-    assert body["answer"]["train_code"].endswith("# run 1\n")  # the best verified run's code
+    assert body["answer"]["train_code"].endswith("# run 1\n")  # the claimed best configuration's code
     assert "| run |" in body["answer"]["methodology"]
     assert main(["export", "--check", str(tmp_path / "submission.json")]) == ExitCode.OK
     assert "a valid submission" in capsys.readouterr().out
@@ -144,7 +145,7 @@ def test_no_verified_run_no_train_code(tmp_path, capsys):
     assert main(["export", str(tmp_path)]) == ExitCode.INVALID
     assert "no run was verified" in capsys.readouterr().out
     assert not (tmp_path / "submission.json").exists() and not (tmp_path / "best_train.py").exists()
-    assert "| 1 | crashed |" in (tmp_path / "methodology.md").read_text()  # the rest of the record is written
+    assert "| 1 | 1 | 42 | crashed |" in (tmp_path / "methodology.md").read_text()  # the rest of the record is written
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,8 @@ import torch
 
 from agent.planner import PROBES, SPACE
 from agent.providers.base import UserMessage
+from budget.models import RunResult
+from logs.claim import claim_of
 from agent.search_agent import SearchResearcher, parse_settings, read_knowledge, replace_value, setting_line
 
 BASELINE = (Path(__file__).resolve().parents[1] / "trainer" / "baseline_train.py").read_text()
@@ -270,7 +272,10 @@ def test_the_claimed_best_is_a_configuration_with_its_seeds_and_the_last_run_con
     assert calls[-1][1]["description"] == "confirm run 2 with another seed"
     write_run(tmp_path, 3, fast, 2.230, seed=43)
     agent = SearchResearcher(tmp_path)
-    assert agent.best_code() == fast
+    runs = [RunResult.model_validate_json(p.read_text()) for p in sorted(tmp_path.glob("runs/*/result.json"))]
+    claim, code = claim_of(tmp_path, runs)  # what the session's record claims: the researcher's own incumbent
+    assert code == fast and claim.best.runs == [2, 3] and claim.best_run_id == read_knowledge(tmp_path).incumbent.run_id
+    assert claim.beat_noise and abs(claim.noise - 0.03) < 1e-9
     summary = agent.summary(read_knowledge(tmp_path))
     assert "mean 2.2150 over 2 seed(s) (42: 2.2000, 43: 2.2300; spread 0.0300)" in summary
 
