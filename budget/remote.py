@@ -193,15 +193,15 @@ class RemoteService:
                on_progress: Callable[[RunProgress], None] | None = None) -> RunResult:
         """Start one run at the service (RunRefused with the service's code when it refuses); with wait, its result."""
         check_code(request.train_code)  # free here, as at the service (422)
-        local = self.status()
+        # what the ledger would refuse after the service said yes (a run charged there but not here): asked first
+        local = self.ledger.status()
+        left = {"runs_remaining": local.runs_remaining, "match_time_remaining_secs": local.match_time_remaining_secs}
         if local.active_run_ids:
             raise RunRefused(Refusal(code=409, message=f"run {local.active_run_ids[0]} is still running; wait for its "
-                                     "result, then submit again", runs_remaining=local.runs_remaining,
-                                     match_time_remaining_secs=local.match_time_remaining_secs))
-        if local.runs_remaining <= 0:
-            raise BudgetExhausted(Refusal(code=429, message="this session's runs are used (--budget); start a new "
-                                          "session to run more", runs_remaining=0,
-                                          match_time_remaining_secs=local.match_time_remaining_secs))
+                                     "result, then submit again", **left))
+        if local.runs_remaining <= 0 or local.match_time_remaining_secs < local.budget.run_timeout_secs:
+            raise BudgetExhausted(Refusal(code=429, message="this session's own --budget or --hours is spent; start "
+                                          "a new session to run more", **left))
         body = {"train_code": request.train_code, "description": request.description, "hypothesis": request.hypothesis}
         if request.seed is not None:
             body["seed"] = request.seed
@@ -281,31 +281,7 @@ class RemoteService:
                 self._record(run_id, answer)
 
     def _record(self, run_id: int, answer: dict) -> None:
-        self._finish(run_id, self.result_from(run_id, answer))
-
-    def result_from(self, run_id: int, answer: dict) -> RunResult:
-        """A run's record from the service's answer; numbers a service does not say it verified are not verified."""
-        status = answer.get("status")
-        status = REMOTE_STATUS.get(status) or (RunStatus(status) if status in RunStatus._value2member_map_
-                                               else RunStatus.crashed)
-        reasons = [str(r) for r in answer.get("reasons") or []]
-        if not reasons and answer.get("error"):
-            reasons.append(str(answer["error"]))
-        number = lambda key: answer.get(key) if isinstance(answer.get(key), (int, float)) else None  # noqa: E731
-        verifies = isinstance(answer.get("verified"), bool)
-        val_bpb, reported = number("val_bpb"), number("reported_val_bpb")
-        if not verifies:
-            reported, val_bpb = val_bpb, None
-            if status == RunStatus.completed:
-                status = RunStatus.unverified
-            reasons.append(f"not verified by this harness: the service at {self.url} does not report `verified`, so "
-                           "its val_bpb is the number the script printed")
-        return RunResult(
-            run_id=run_id, status=status, val_bpb=val_bpb, reported_val_bpb=reported,
-            verified=verifies and answer["verified"] and status == RunStatus.completed, reasons=reasons,
-            training_secs=number("training_time_secs"), cpu_others=number("cpu_others"),
-            total_steps=number("total_steps"), num_params_M=number("num_params_M"), train_loss=number("train_loss"),
-            sandboxed=answer.get("sandboxed") is True, stderr_tail=str(answer.get("logs") or "")[-4000:])
+        self._finish(run_id, result_from(answer, run_id, self.url))
 
     def _finish(self, run_id: int, result: RunResult) -> None:
         run_dir = run_dir_of(self.session_dir, run_id)
@@ -357,6 +333,31 @@ class RemoteService:
     def close(self) -> None:
         """Release the session; a run still in flight stays `running` and is recorded as interrupted on resume."""
         self.ledger.close()
+
+
+def result_from(answer: dict, run_id: int, source: str) -> RunResult:
+    """A run's record from a service's answer; numbers a service does not say it verified are not verified."""
+    status = answer.get("status")
+    status = REMOTE_STATUS.get(status) or (RunStatus(status) if status in RunStatus._value2member_map_
+                                           else RunStatus.crashed)
+    reasons = [str(r) for r in answer.get("reasons") or []]
+    if not reasons and answer.get("error"):
+        reasons.append(str(answer["error"]))
+    number = lambda key: answer.get(key) if isinstance(answer.get(key), (int, float)) else None  # noqa: E731
+    verifies = isinstance(answer.get("verified"), bool)
+    val_bpb, reported = number("val_bpb"), number("reported_val_bpb")
+    if not verifies:
+        reported, val_bpb = val_bpb, None
+        if status == RunStatus.completed:
+            status = RunStatus.unverified
+        reasons.append(f"not verified by this harness: the service at {source} does not report `verified`, so its "
+                       "val_bpb is the number the script printed")
+    return RunResult(
+        run_id=run_id, status=status, val_bpb=val_bpb, reported_val_bpb=reported,
+        verified=verifies and answer["verified"] and status == RunStatus.completed, reasons=reasons,
+        training_secs=number("training_time_secs"), cpu_others=number("cpu_others"),
+        total_steps=number("total_steps"), num_params_M=number("num_params_M"), train_loss=number("train_loss"),
+        sandboxed=answer.get("sandboxed") is True, stderr_tail=str(answer.get("logs") or "")[-4000:])
 
 
 def _json(raw: bytes) -> dict:

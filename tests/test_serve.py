@@ -18,6 +18,10 @@ import pytest
 from test_service import tiny_train
 
 from budget.http_api import MAX_BODY_BYTES, is_loopback, parse_submission, run_number
+from budget.ledger import Ledger
+from budget.models import RunRequest, RunStatus
+from budget.remote import RemoteService, result_from
+from budget.service import ServiceUnavailable
 from logs.trajectory import SessionEvent, ToolCallEvent, read_events
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +113,28 @@ def test_a_public_bind_without_token_refuses_to_start(tmp_path):
                            str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "PGOLF_SERVE_TOKEN"})
     assert proc.returncode == 2 and "--token" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_numbers_a_service_does_not_verify_are_marked_so():
+    # the reference's documented answer for a finished run: no `verified`, so its number is only reported
+    reference = {"run_id": "run-0", "status": "completed", "val_bpb": 1.0823, "train_loss": 2.41, "total_steps": 487,
+                 "training_time_secs": 178.3, "num_params_M": 0.52, "error": None, "runs_remaining": 14}
+    r = result_from(reference, 0, "http://arena")
+    assert r.status == RunStatus.unverified and not r.verified and not r.counts_as_best
+    assert r.val_bpb is None and r.reported_val_bpb == 1.0823 and r.total_steps == 487
+    assert "not verified by this harness" in r.reasons[-1] and "http://arena" in r.reasons[-1]
+    failed = result_from({"run_id": "run-1", "status": "error", "val_bpb": None, "error": "Training failed (exit 1)"},
+                         1, "http://arena")
+    assert failed.status == RunStatus.crashed and failed.reasons[0] == "Training failed (exit 1)"
+    ours = result_from({"status": "completed", "val_bpb": 2.1, "reported_val_bpb": 2.0, "verified": True,
+                        "reasons": [], "sandboxed": True}, 2, "http://ours")
+    assert ours.counts_as_best and ours.val_bpb == 2.1 and ours.reported_val_bpb == 2.0 and ours.sandboxed
+
+
+def test_a_service_that_does_not_answer_stops_before_anything(tmp_path):
+    with pytest.raises(ServiceUnavailable, match="nothing answers at http://127.0.0.1"):
+        RemoteService(f"http://127.0.0.1:{free_port()}", tmp_path / "s")
     assert not (tmp_path / "s").exists()
 
 
@@ -207,3 +233,28 @@ def test_the_researcher_runs_against_a_served_session(tmp_path, corpus):
                              cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0, checked.stdout
     assert export(served).returncode == 0  # and the served side's own record exports too
+
+
+@pytest.mark.slow
+def test_a_service_that_stops_answering_leaves_the_run_unknown_and_the_record_whole(tmp_path, corpus):
+    served, port = tmp_path / "served", free_port()
+    proc = start_server(served, port, "--budget", "3", "--time-budget", "20")
+    client = RemoteService(f"http://127.0.0.1:{port}", tmp_path / "client", poll_secs=0.5, retry_secs=3)
+    try:
+        started = client.submit(RunRequest(train_code=tiny_train(), description="in flight when the service dies"),
+                                wait=False)
+        assert started.status == RunStatus.running and client.remote_ids == {0: "run-0"}
+        os.killpg(proc.pid, signal.SIGKILL)  # the service and its run, gone without a word
+        proc.wait()
+        began = time.monotonic()
+        [lost] = client.wait([started.run_id])
+        assert time.monotonic() - began < 30  # bounded retries
+        assert lost.status == RunStatus.interrupted and "outcome unknown" in lost.reasons[-1], lost.reasons
+        assert "stopped answering" in client.ended and client.status().runs_remaining == 0
+        assert client.submit_queued(RunRequest(train_code=tiny_train())).started(timeout=None) is None  # dropped
+    finally:
+        client.close()
+    with Ledger.open(tmp_path / "client", exclusive=False) as ledger:  # the record, charged once
+        assert [r.status for r in ledger.runs()] == [RunStatus.interrupted] and ledger.status().runs_used == 1
+    result = json.loads((tmp_path / "client" / "runs" / "000" / "result.json").read_text())
+    assert result["status"] == "interrupted"
