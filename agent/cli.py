@@ -55,7 +55,7 @@ def cmd_doctor(args) -> int:
 
 ENV_DEFAULTS = {  # flag -> environment variable consulted when the flag is absent
     "agent": "PGOLF_AGENT", "model": "PGOLF_MODEL", "base_url": "OPENAI_BASE_URL",
-    "ray_address": "RAY_ADDRESS", "approve": "PGOLF_APPROVE",
+    "ray_address": "RAY_ADDRESS", "approve": "PGOLF_APPROVE", "service_url": "PGOLF_SERVICE_URL",
 }
 
 
@@ -104,7 +104,8 @@ def session_settings(args, session_dir):
     return SessionSettings(session_dir=session_dir, budget=budget_from_flags(args), concurrency=args.concurrency,
                            background_runs=not args.wait_for_runs, sandbox=not args.unsafe_no_sandbox,
                            max_llm_calls=args.max_llm_calls, max_cost_usd=args.max_cost, price_per_mtok=args.price,
-                           replay_from=getattr(args, "replay_from", None), model_options=model_options(args), **values)
+                           replay_from=getattr(args, "replay_from", None), model_options=model_options(args),
+                           service_token=getattr(args, "service_token", None), **values)
 
 
 def cmd_run(args) -> int:
@@ -115,7 +116,8 @@ def cmd_run(args) -> int:
     if args.resume:
         session_dir = Path(args.resume)
         try:
-            settings = SessionSettings.load(session_dir)
+            settings = SessionSettings.load(session_dir).model_copy(
+                update={"service_token": getattr(args, "service_token", None)})
         except NotASession as exc:
             err.print(f"[red]error:[/red] {exc}")
             return ExitCode.SETUP
@@ -140,7 +142,8 @@ def cmd_run(args) -> int:
         return ExitCode.SETUP
     from trainer.corpus import CorpusError, ensure_corpus
     try:
-        ensure_corpus()
+        if not settings.service_url:  # a remote service trains on its own corpus
+            ensure_corpus()
     except CorpusError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return ExitCode.SETUP
@@ -235,6 +238,50 @@ def check_file(path: Path) -> int:
     return ExitCode.OK
 
 
+# --- serve: the training service over HTTP (budget/http_api.py) -------------------------------------------
+
+def cmd_serve(args) -> int:
+    from pydantic import ValidationError
+
+    from agent.session import NotASession, SessionSettings, new_session_dir
+    from budget.cli import budget_from_flags
+    from budget.http_api import ServeRefused, serve_session
+    from budget.ledger import SessionLocked
+    from budget.service import ServiceUnavailable
+    from trainer.corpus import CorpusError
+
+    session_dir = Path(args.session) if args.session else new_session_dir(Path(os.environ.get("PGOLF_SESSIONS_DIR", "sessions")))
+    try:
+        settings = SessionSettings.load(session_dir) if (session_dir / "settings.json").exists() else None
+        explicit = budget_from_flags(args)
+        settings = (settings.model_copy(update={"budget": explicit}) if settings else
+                    SessionSettings(session_dir=session_dir, budget=explicit, concurrency=1,
+                                    sandbox=not args.unsafe_no_sandbox))
+        serve_session(settings, host=args.host, port=args.port, token=args.token, console=console)
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] invalid setting: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
+        return ExitCode.SETUP
+    except (NotASession, ServeRefused, SessionLocked, ServiceUnavailable, CorpusError) as exc:
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
+        return ExitCode.SETUP
+    return ExitCode.OK
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="serve a session's training service over the reference's HTTP protocol",
+                       epilog=exit_codes_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a token)")
+    p.add_argument("--port", type=int, default=3000, help="port (default 3000, the reference's)")
+    p.add_argument("--session", help="session folder, new or to resume (default ./sessions/<timestamp>)")
+    p.add_argument("--budget", type=int, help="runs in the session (default 50)")
+    p.add_argument("--hours", type=float, help="wall-clock hours for the session (default 3)")
+    p.add_argument("--time-budget", type=float, help="training seconds per run, at most 180 (default 180)")
+    p.add_argument("--timeout", type=float, help="hard limit of one run in seconds (default 210)")
+    p.add_argument("--token", help="every request must send 'Authorization: Bearer TOKEN' (or PGOLF_SERVE_TOKEN)")
+    p.add_argument("--unsafe-no-sandbox", action="store_true", help="run without bubblewrap; results say so")
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgolf-agent",
@@ -283,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-url", help="OpenAI-compatible server, e.g. http://localhost:8000/v1 (or OPENAI_BASE_URL)")
     model_option_args(p)
     p.add_argument("--resume", metavar="SESSION_DIR", help="continue a session with the budget it has left")
+    p.add_argument("--service-url", metavar="URL", help="train on a remote service that speaks the reference HTTP "
+                   "protocol, e.g. `pgolf-agent serve` elsewhere (or PGOLF_SERVICE_URL)")
+    p.add_argument("--service-token", metavar="T", help="that service's token (or PGOLF_SERVICE_TOKEN)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("replay", help="drive a recorded session again from its trajectory")
@@ -299,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from budget.cli import add_commands
     add_commands(sub)
+    add_serve_command(sub)
 
     # the session record: sessions, report, compare, watch, rerun (logs/commands.py)
     from logs.commands import add_commands as add_record_commands

@@ -17,7 +17,7 @@ from agent.guidance import take_guidance
 from agent.model_calls import call_event, turn_line, waiting_for
 from agent.prices import Price
 from agent.providers.base import ModelReply, Provider, ProviderError, ToolCall, ToolResult, UserMessage
-from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure
+from agent.tools import TOOL_SPECS, Finished, Toolbox, ToolFailure, service_ended
 from budget.models import RunResult, RunStatus
 from logs.trajectory import LLMCallEvent, SessionEvent, ToolCallEvent, Trajectory
 
@@ -223,6 +223,8 @@ class AgentLoop:
 
     def budget_spent(self) -> str | None:
         s = self.tools.service.status()
+        if ended := service_ended(self.tools.service):
+            return ended
         if s.runs_remaining <= 0:
             return "all runs are used"
         if s.match_time_remaining_secs < self.run_timeout:

@@ -9,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 from rich.console import Console
+from rich.markup import escape
 
 from agent.approval import ApprovalGate
 from agent.context import Context
@@ -53,6 +54,8 @@ class SessionSettings(BaseModel):
     context_chars: int = Field(200_000, ge=4_000, description="kept turns; cached, so a wide window is cheap")
     search_seed: int = 0
     background_runs: bool = Field(True, description="an LLM's submit_run returns at once; results follow (--wait-for-runs: off)")
+    service_url: str | None = Field(None, description="a remote training service speaking the reference protocol")
+    service_token: str | None = Field(None, exclude=True, description="its token; never saved")
 
     @classmethod
     def load(cls, folder: Path) -> "SessionSettings":
@@ -115,6 +118,11 @@ class Session:
     def _open(self):
         settings_file = self.dir / "settings.json"
         resumed = settings_file.exists()
+        if self.service is None and self.settings.service_url:
+            from budget.remote import RemoteService
+            self.service = RemoteService(self.settings.service_url, self.dir, self.settings.budget,
+                                         token=self.settings.service_token,
+                                         on_retry=lambda line: self.console.print(f"[yellow]{escape(line)}[/yellow]"))
         if self.service is None:
             from budget.service import ServiceSettings, TrainingService
             self.service = TrainingService(ServiceSettings(
@@ -190,8 +198,12 @@ class Session:
         self.console.print(f"researcher: [bold]{kind}[/bold] ({researcher.model})"
                            + (" — no API key found, so the offline search agent runs" if
                               self.settings.agent == "auto" and kind == "search" else ""))
+        remote = getattr(self.service, "description", None)  # a remote service says where it is and what it verifies
+        if remote:
+            self.console.print(remote)
         self.trajectory.append(SessionEvent(event="resume" if resumed else "start", detail={
-            "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json())}))
+            "agent": kind, "model": researcher.model, "settings": json.loads(self.settings.model_dump_json()),
+            **({"service": remote} if remote else {})}))
         if checked is not None:
             self.trajectory.append(call_event(checked, researcher.name, price, preflight=True))
         try:

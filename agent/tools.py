@@ -22,13 +22,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from agent.providers.base import ToolCall, ToolSpec
 from budget.ledger import check_code
-from budget.models import RunRefused, RunRequest, RunResult, RunStatus
+from budget.models import BudgetStatus, RunRefused, RunRequest, RunResult, RunStatus
 from trainer.contention import CONTENDED
 from trainer.untrusted_files import read_tail
 
@@ -285,10 +285,38 @@ def received(value: Any) -> str:
 
 # --- execution ---------------------------------------------------------------------
 
+class QueuedRun(Protocol):
+    def started(self, timeout: float | None = 0) -> RunResult | None: ...
+
+
+class TrainingClient(Protocol):
+    """What the researcher asks of a training service. Two implementations: budget.service.TrainingService (runs
+    here, on Ray) and budget.remote.RemoteService (a service at a URL that speaks the reference HTTP protocol)."""
+
+    concurrency: int
+
+    def submit(self, request: RunRequest, wait: bool = True, on_progress: Callable | None = None) -> RunResult: ...
+    def submit_queued(self, request: RunRequest) -> QueuedRun: ...
+    def drop_queued(self) -> int: ...
+    def wait(self, run_ids: list[int] | None = None, timeout: float | None = None,
+             on_progress: Callable | None = None) -> list[RunResult]: ...
+    def status(self) -> BudgetStatus: ...
+    def runs(self) -> list[RunResult]: ...
+    def get(self, run_id: int) -> RunResult | None: ...
+    def cancel_all(self) -> list[RunResult]: ...
+    def close(self) -> None: ...
+
+
+def service_ended(service: TrainingClient) -> str | None:
+    """Why a service can start no more runs beyond its budget (a remote one that stopped answering), or None."""
+    return getattr(service, "ended", None)
+
+
 class Toolbox:
     """Executes tool calls against the workspace and the training service."""
 
-    def __init__(self, workspace: Workspace, service, progress: Callable | None = None, background: bool = False):
+    def __init__(self, workspace: Workspace, service: TrainingClient, progress: Callable | None = None,
+                 background: bool = False):
         self.ws = workspace
         self.service = service
         self.progress = progress or nullcontext  # () -> context manager yielding an on_progress callback

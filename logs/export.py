@@ -5,8 +5,9 @@ carries `error: true` and its error message as the output), a model call its tok
 Texts over the arena's caps are cut in the middle, with a marker saying how long they were.
 
 Condensing, when the session made more than 1000 steps (documented in the README):
-1. every run step is kept: each call of `submit_run` and each step whose output holds a run's result
-   record (the JSON with its `run_id` and `val_bpb` that a run's tools return);
+1. every run step is kept: each call of `submit_run` (`POST /run` in a served session) and each step
+   whose output holds a run's result record (the JSON with its `run_id` and `val_bpb` that a run's
+   tools and the HTTP answers return);
 2. the slots left go to the other steps, half to the earliest and half to the latest, so the start of
    the method and its conclusion both remain;
 3. a step that follows dropped steps says how many in its metadata (`steps_omitted_before`).
@@ -21,8 +22,8 @@ from logs.arena import (MAX_IO_CHARS, MAX_RESPONSE_CHARS, MAX_STEPS, Answer, LLM
 from logs.trajectory import LLMCallEvent, ToolCallEvent, now_iso
 
 HARNESS_ID = "pgolf-agent"
-RUN_SUBMISSION_TOOL = "submit_run"
-RUN_RECORD = re.compile(r'"run_id":\s*\d+.*?"val_bpb":', re.S)
+RUN_SUBMISSION_TOOLS = ("submit_run", "POST /run")  # the researcher's tool; the HTTP call of a served session
+RUN_RECORD = re.compile(r'"run_id":\s*"?(?:run-)?\d+"?.*?"val_bpb":', re.S)  # 3 here, "run-3" over HTTP
 LLM_METADATA = ("provider", "request_chars", "cache_read_tokens", "cache_write_tokens", "stop_reason")
 
 
@@ -63,7 +64,7 @@ def to_step(event: ToolCallEvent | LLMCallEvent) -> ToolCallStep | LLMCallStep:
 
 def is_run_step(step: ToolCallStep | LLMCallStep) -> bool:
     """A run submitted, or a run's result handed back."""
-    return step.type == "tool_call" and (step.tool == RUN_SUBMISSION_TOOL or bool(RUN_RECORD.search(step.output or "")))
+    return step.type == "tool_call" and (step.tool in RUN_SUBMISSION_TOOLS or bool(RUN_RECORD.search(step.output or "")))
 
 
 def condense(steps: list, limit: int = MAX_STEPS) -> list:
