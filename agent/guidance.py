@@ -22,7 +22,7 @@ class Guidance:
 
     def message(self) -> str:
         """What the researcher reads, labelled as the person's words rather than the harness's."""
-        cut = "" if len(self.text) <= MAX_CHARS else f"\n[cut at {MAX_CHARS} characters; the rest is in {self.file.name}]"
+        cut = f"\n[cut at {MAX_CHARS} characters; the rest is in {self.file.name}]" if len(self.text) > MAX_CHARS else ""
         return (f"## {LABEL} (written to {GUIDANCE_FILE}; delivered once)\n\n{self.text[:MAX_CHARS]}{cut}\n\n"
                 "Take it into account from now on. It is advice from the person, not a tool result.")
 

@@ -74,8 +74,8 @@ def write_methodology(runs: list[RunResult], notes, status: BudgetStatus, model_
     return "\n".join(lines) + "\n"
 
 
-DECISIONS = {"approve": "approved", "reject": "rejected", "edit": "edited, then ran", "approve_all": "approved all from here",
-             "stop": "stopped the session"}
+DECISIONS = {"approve": "approved", "reject": "rejected", "edit": "edited, then ran",
+             "approve_all": "approved all from here", "stop": "stopped the session"}
 
 
 def person_section(events) -> str:

@@ -30,6 +30,10 @@ def submit(description, seed=None):
     return {"name": "submit_run", "arguments": {"description": description, "hypothesis": "h", "seed": seed}}
 
 
+def lr(old, new):
+    return {"name": "edit_file", "arguments": {"old_text": f"learning_rate = {old}", "new_text": f"learning_rate = {new}"}}
+
+
 def spawn(args, session, env):
     child = pexpect.spawn(sys.executable, ["-m", "agent.cli", "run", "--session", str(session), *TINY, *args],
                           cwd=str(ROOT), env={**os.environ, "TERM": "xterm", **env}, encoding="utf-8",
@@ -76,11 +80,11 @@ def test_approve_reject_edit_approve_all_and_guidance(tmp_path, corpus):
         last = request.last_tool_result() or ""
         if "The budget is spent" in last:
             return {"tool_calls": [
-                {"name": "edit_file", "arguments": {"old_text": "learning_rate = 4e-3", "new_text": "learning_rate = 3e-3"}},
+                lr("4e-3", "3e-3"),
                 {"name": "write_note", "arguments": {"kind": "conclusion", "text": "4e-3 is fine"}},
                 {"name": "finish", "arguments": {"summary": "done"}}]}
         step = {0: {"tool_calls": [
-                    {"name": "edit_file", "arguments": {"old_text": "learning_rate = 3e-3", "new_text": "learning_rate = 5e-3"}},
+                    lr("3e-3", "5e-3"),
                     submit("lr 5e-3")]},
                 2: {"tool_calls": [submit("lr 5e-3, asked again")]},
                 3: {"tool_calls": [submit("seed 7", 7)]},
