@@ -62,7 +62,7 @@ def best_so_far(runs: list[RunResult]) -> list[tuple[int, float]]:
 def scale(values: list[float], band: tuple[float, float] | None) -> tuple[float, float]:
     """The y range: every value but the far outliers (beyond CLIP_IQRS interquartile ranges), and the band."""
     if len(values) >= 4:
-        q1, _, q3 = statistics.quantiles(values, n=4)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")  # exclusive widens them at few points
         spread = max(q3 - q1, 0.01)
         kept = [v for v in values if q1 - CLIP_IQRS * spread <= v <= q3 + CLIP_IQRS * spread]
     else:
