@@ -82,9 +82,6 @@ def draw_png(runs: list[RunResult], claim: Claim, path: Path, title: str) -> Non
     try:
         _draw(ax, runs, claim)
         ax.set_title(title, fontsize=11)
-        ax.set_xlabel("run")
-        ax.set_ylabel("val_bpb (bits per byte, lower is better)")
-        ax.grid(True, alpha=0.25)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(path)
@@ -96,6 +93,9 @@ def _draw(ax, runs: list[RunResult], claim: Claim) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("run")
+    ax.set_ylabel("val_bpb (bits per byte, lower is better)")
+    ax.grid(True, alpha=0.25)
     base = claim.baseline.mean if claim.baseline and claim.baseline.scores else None
     band = (base - claim.noise, base + claim.noise) if base is not None else None
     valued = [(r, shown_value(r)) for r in runs if shown_value(r) is not None]
