@@ -22,7 +22,8 @@ class ExitCode(IntEnum):
                 "sandbox unavailable, the session in use; `submit`: the run was refused (not charged)")
     LIMIT = 3, "`run`: stopped by --max-llm-calls, --max-cost or too many malformed model replies"
     API_FAILURE = 4, "`run`: the model's API failed and its retries ran out"
-    NOT_VERIFIED = 5, "`submit`: the run was charged but is not verified (crashed, timed out or flagged)"
+    NOT_VERIFIED = 5, ("`submit`: the run was charged but is not verified (crashed, timed out or flagged); `rerun`: "
+                       "no rerun gave a score that counts")
     INVALID = 6, ("`export`: no verified run, so no submission; `export --check`: the file is not a submission "
                   "the arena accepts and verifies")
     INTERRUPTED = 130, "Ctrl-C (a run in flight is stopped and recorded `interrupted`; the record is written)"

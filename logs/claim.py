@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -184,10 +184,11 @@ class Claim(BaseModel):
         noise = (f"the noise between seeds is {self.noise:.4f} bpb" if self.noise_measured else
                  f"the noise between seeds was not measured (no configuration ran with two seeds), so "
                  f"{self.noise:.4f} bpb is assumed; `pgolf-agent rerun SESSION --best --seeds 3` measures it")
-        caveat = (" Every verified run shared its cores with other work, so these scores are lower bounds of what "
-                  "the code can do." if self.contended_only else "")
+        caveat = (" Every verified run shared its cores with other work, so it trained fewer steps than on a quiet "
+                  "machine and these scores understate its code." if self.contended_only else "")
         if self.best_is_baseline and self.measured_configurations == 1:
-            return (f"Only the baseline's configuration was measured (runs {_ids(self.best.runs)}; "
+            return (f"Only the baseline's configuration was measured (run{'s' if len(self.best.runs) > 1 else ''} "
+                    f"{_ids(self.best.runs)}; "
                     f"{self.best.text()}); {noise}.{caveat}")
         if self.best_is_baseline:
             return (f"Nothing beat the noise: the best configuration is the baseline's own (runs "
@@ -196,7 +197,7 @@ class Claim(BaseModel):
                 if self.baseline and self.baseline.scores else "the baseline (never measured)")
         gain = f"{self.gain:.4f} better than {base}" if self.gain is not None else f"against {base}"
         verdict = "more than the noise" if self.beat_noise else "not more than the noise"
-        return (f"Best configuration: runs {_ids(self.best.runs)}; {self.best.text()}; {gain}, {verdict} "
+        return (f"Best configuration: run{'s' if len(self.best.runs) > 1 else ''} {_ids(self.best.runs)}; {self.best.text()}; {gain}, {verdict} "
                 f"({noise}).{caveat}")
 
     @property

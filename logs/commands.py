@@ -31,10 +31,6 @@ def add_commands(subparsers) -> None:
     add_rerun(subparsers, SESSION_HELP)
 
 
-def bpb(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
-
-
 def cmd_sessions(args) -> int:
     from pathlib import Path
 

@@ -62,7 +62,7 @@ def best_so_far(runs: list[RunResult]) -> list[tuple[int, float]]:
 def scale(values: list[float], band: tuple[float, float] | None) -> tuple[float, float]:
     """The y range: every value but the far outliers (beyond CLIP_IQRS interquartile ranges), and the band."""
     if len(values) >= 4:
-        q1, _, q3 = statistics.quantiles(values, n=4)
+        q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")  # exclusive widens them at few points
         spread = max(q3 - q1, 0.01)
         kept = [v for v in values if q1 - CLIP_IQRS * spread <= v <= q3 + CLIP_IQRS * spread]
     else:
@@ -82,9 +82,6 @@ def draw_png(runs: list[RunResult], claim: Claim, path: Path, title: str) -> Non
     try:
         _draw(ax, runs, claim)
         ax.set_title(title, fontsize=11)
-        ax.set_xlabel("run")
-        ax.set_ylabel("val_bpb (bits per byte, lower is better)")
-        ax.grid(True, alpha=0.25)
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
         fig.tight_layout()
         fig.savefig(path)
@@ -96,6 +93,9 @@ def _draw(ax, runs: list[RunResult], claim: Claim) -> None:
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("run")
+    ax.set_ylabel("val_bpb (bits per byte, lower is better)")
+    ax.grid(True, alpha=0.25)
     base = claim.baseline.mean if claim.baseline and claim.baseline.scores else None
     band = (base - claim.noise, base + claim.noise) if base is not None else None
     valued = [(r, shown_value(r)) for r in runs if shown_value(r) is not None]
