@@ -103,6 +103,7 @@ class RemoteService:
         self.poll_secs = float(os.environ.get("PGOLF_POLL_SECS", POLL_SECS)) if poll_secs is None else poll_secs
         self.retry_secs = (float(os.environ.get("PGOLF_SERVICE_RETRY_SECS", RETRY_SECS)) if retry_secs is None
                            else retry_secs)
+        self.time_budget = (budget or Budget()).time_budget_secs
         self.on_retry = on_retry or (lambda line: log.warning("%s", line))
         self.ended: str | None = None  # why no run can start any more beyond the budget: the service was lost
         self._asked = 0.0  # when the service's budget was last asked for
@@ -202,7 +203,8 @@ class RemoteService:
         if local.runs_remaining <= 0 or local.match_time_remaining_secs < local.budget.run_timeout_secs:
             raise BudgetExhausted(Refusal(code=429, message="this session's own --budget or --hours is spent; start "
                                           "a new session to run more", **left))
-        body = {"train_code": request.train_code, "description": request.description, "hypothesis": request.hypothesis}
+        body = {"train_code": request.train_code, "description": request.description, "hypothesis": request.hypothesis,
+                "time_budget": self.time_budget}  # the reference's per-run field; a service may shorten or clamp it
         if request.seed is not None:
             body["seed"] = request.seed
         code, answer = self._call("POST", "/run", body)

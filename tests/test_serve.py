@@ -92,14 +92,15 @@ def export(session: Path) -> subprocess.CompletedProcess:
 
 def test_bad_bodies_are_named():
     cases = {b"{": "not JSON (line 1", b"[1]": "a JSON array, not an object", b"{}": '"train_code" is missing',
-             b'{"train_code": 5}': '"train_code" must be a string, not a JSON number',
-             b'{"train_code": "x", "seed": "7"}': '"seed" must be an integer or null, not a JSON string'}
+             b'{"train_code": 5}': '"train_code" must be a valid string (received a JSON number)',
+             b'{"train_code": "x", "seed": "7"}': '"seed" must be a valid integer (received a JSON string)',
+             b'{"train_code": "x", "time_budget": 0}': '"time_budget" must be greater than 0'}
     for body, words in cases.items():
         with pytest.raises(Exception) as caught:
             parse_submission(body)
         assert caught.value.code == 400 and words in caught.value.body.error, (body, caught.value.body.error)
-    # the reference's own optional field is accepted (and ignored: the session's time budget rules)
-    assert parse_submission(b'{"train_code": "print(1)", "time_budget": 30}').train_code == "print(1)"
+    # the reference's optional per-run time budget; fields nobody declared are ignored
+    assert parse_submission(b'{"train_code": "print(1)", "time_budget": 30, "x": 1}').time_budget == 30
 
 
 def test_run_ids_and_loopback():
@@ -113,6 +114,16 @@ def test_a_public_bind_without_token_refuses_to_start(tmp_path):
                            str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=60,
                           env={k: v for k, v in os.environ.items() if k != "PGOLF_SERVE_TOKEN"})
     assert proc.returncode == 2 and "--token" in proc.stderr, proc.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_port_in_use_refuses_to_start(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        proc = subprocess.run([sys.executable, "-m", "agent.cli", "serve", "--port", str(busy.getsockname()[1]),
+                               "--session", str(tmp_path / "s")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Address already in use" in proc.stderr, proc.stderr
     assert not (tmp_path / "s").exists()
 
 
@@ -159,7 +170,7 @@ def test_a_whole_session_over_http(tmp_path, corpus):
 
         # bad bodies: the reference's codes, an error naming the problem, nothing charged
         bad = {b"{not json": (400, "not JSON"), b'{"code": "x"}': (400, '"train_code" is missing'),
-               b'{"train_code": 42}': (400, "must be a string"),
+               b'{"train_code": 42}': (400, "must be a valid string"),
                json.dumps({"train_code": "x" * (MAX_BODY_BYTES + 10)}).encode(): (413, "limit"),
                json.dumps({"train_code": "x" * 100_001}).encode(): (400, "100,000-byte limit"),
                json.dumps({"train_code": "def broken(:\n"}).encode(): (422, "syntax error in train.py line 1")}
@@ -171,6 +182,7 @@ def test_a_whole_session_over_http(tmp_path, corpus):
         code, started = call(f"{url}/run", "POST", {"train_code": tiny_train()}, token=TOKEN)
         assert code == 202, started
         assert started["run_id"] == "run-0" and started["status"] == "running" and started["runs_remaining"] == 0
+        assert started["time_budget"] == 2
         assert isinstance(started["match_time_remaining_secs"], float)
         code, busy = call(f"{url}/run", "POST", {"train_code": tiny_train()}, token=TOKEN)
         assert code in (409, 429) and busy["error"], busy  # one run at a time (the budget is spent too)
@@ -206,7 +218,7 @@ def test_a_whole_session_over_http(tmp_path, corpus):
 @pytest.mark.slow
 def test_the_researcher_runs_against_a_served_session(tmp_path, corpus):
     served, port = tmp_path / "served", free_port()
-    proc = start_server(served, port, "--budget", "3", "--time-budget", "2")
+    proc = start_server(served, port, "--budget", "3")  # 180 s runs, unless a submission asks for less
     client = tmp_path / "client"
     try:
         run = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--service-url", f"http://127.0.0.1:{port}",
@@ -225,6 +237,7 @@ def test_the_researcher_runs_against_a_served_session(tmp_path, corpus):
         theirs = json.loads((served / "runs" / f"{local_id:03d}" / "result.json").read_text())
         assert (mine["status"], mine["val_bpb"], mine["verified"]) == (theirs["status"], theirs["val_bpb"],
                                                                        theirs["verified"])
+        assert theirs["training_secs"] < 10  # the client's --time-budget 2, not the service's 180
         assert (client / "runs" / f"{local_id:03d}" / "train.py").read_text() == \
             (served / "runs" / f"{local_id:03d}" / "train.py").read_text()
     exported = export(client)
