@@ -107,6 +107,7 @@ class RemoteService:
         self.on_retry = on_retry or (lambda line: log.warning("%s", line))
         self.ended: str | None = None  # why no run can start any more beyond the budget: the service was lost
         self._asked = 0.0  # when the service's budget was last asked for
+        self._polled = 0.0  # when the runs in flight were last asked about
         self.queue: list[QueuedRemoteSubmission] = []
         self._remaining: dict = {}
         try:
@@ -263,6 +264,7 @@ class RemoteService:
 
     def _refresh_in_flight(self) -> None:
         """Ask the service about every run in flight; record the ones that ended. A lost service: outcome unknown."""
+        self._polled = time.monotonic()
         for run_id in self.active_run_ids():
             remote_id = self.remote_ids.get(run_id)
             try:
@@ -315,10 +317,18 @@ class RemoteService:
                    self._remaining.get("match_time_remaining_secs", s.match_time_remaining_secs))
         return s.model_copy(update={"runs_remaining": 0 if self.ended else runs, "match_time_remaining_secs": secs})
 
+    def _fresh(self) -> None:
+        """Runs in flight asked about again once poll_secs have passed, so a reader sees a run end (the LLM's
+        background runs are read this way)."""
+        if time.monotonic() - self._polled >= self.poll_secs and self.active_run_ids():
+            self._refresh_in_flight()
+
     def runs(self) -> list[RunResult]:
+        self._fresh()
         return self.ledger.runs()
 
     def get(self, run_id: int) -> RunResult | None:
+        self._fresh()
         return self.ledger.get(run_id)
 
     def cancel_all(self) -> list[RunResult]:

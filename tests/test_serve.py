@@ -16,6 +16,11 @@ from pathlib import Path
 
 import pytest
 from test_service import tiny_train
+from test_session import TINY, check_record, stub_researcher
+
+from agent.outcome import StopKind
+from agent.session import Session, SessionSettings
+from tests.stub_llm_server import StubLLMServer
 
 from budget.http_api import MAX_BODY_BYTES, is_loopback, parse_submission, run_number
 from budget.ledger import Ledger
@@ -271,3 +276,25 @@ def test_a_service_that_stops_answering_leaves_the_run_unknown_and_the_record_wh
         assert [r.status for r in ledger.runs()] == [RunStatus.interrupted] and ledger.status().runs_used == 1
     result = json.loads((tmp_path / "client" / "runs" / "000" / "result.json").read_text())
     assert result["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_an_llm_thinks_while_a_remote_run_trains(tmp_path, corpus, monkeypatch):
+    """The LLM's background runs: submit_run returns at once, results are polled and appended to later results."""
+    monkeypatch.setenv("OPENAI_API_KEY", "dummy")
+    monkeypatch.setenv("PGOLF_POLL_SECS", "1")
+    served, port = tmp_path / "served", free_port()
+    proc = start_server(served, port, "--budget", "3")
+    try:
+        with StubLLMServer(handler=stub_researcher) as stub:
+            d = tmp_path / "client"
+            end = Session(SessionSettings(session_dir=d, agent="openai", base_url=stub.base_url("openai"), budget=TINY,
+                                          service_url=f"http://127.0.0.1:{port}")).run()
+            assert not stub.errors
+    finally:
+        stop_server(proc)
+    assert end.kind == StopKind.finished and "finished: done" in end.reason, end
+    results, events = check_record(d, 3)
+    assert "learning_rate = 5e-3" in (served / "runs" / "001" / "train.py").read_text()
+    assert any(isinstance(e, ToolCallEvent) and e.tool == "submit_run" and "started" in (e.output or "")
+               for e in events)  # it returned before the run ended
