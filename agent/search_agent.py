@@ -151,7 +151,8 @@ def read_knowledge(session_dir: Path) -> Knowledge:
         result = json.loads(result_file.read_text()) if result_file.exists() else {}
         ok = result.get("verified") and result.get("status") == "completed"
         status = result.get("status", "interrupted")
-        if ok and (result.get("cpu_others") or 0) > CONTENDED:  # other work stole steps: not a fair measurement
+        # Other work stole steps (and stretched the clock): neither a score nor a failure of the code
+        if status in ("completed", "unverified", "timeout") and (result.get("cpu_others") or 0) > CONTENDED:
             ok, status = False, f"contended: other work took {result['cpu_others']:.0%} of the cores"
         k.trials.append(Trial(int(run_dir.name), parse_settings(code_file.read_text()),
                               result.get("seed") or SEED_BASE, result.get("val_bpb") if ok else None,

@@ -62,9 +62,11 @@ def one_session(strategy: str, seed: int, runs: int, time_budget: float, keep: P
     started = time.time()
     Session(settings, Console(quiet=True)).run()
     results = [json.loads(p.read_text()) for p in sorted(directory.glob("runs/*/result.json"))]
-    verified = [r["val_bpb"] for r in results if r.get("verified")]
-    k = read_knowledge(directory)
-    return {"strategy": strategy, "seed": seed, "baseline": results[0]["val_bpb"], "best": min(verified),
+    k = read_knowledge(directory)  # scores of runs that were verified and not contended
+    base = k.scores(k.trials[0].cfg) if k.trials else []
+    scored = [t.val_bpb for t in k.trials if t.val_bpb is not None]
+    return {"strategy": strategy, "seed": seed, "baseline": sum(base) / len(base) if base else None,
+            "best": min(scored) if scored else None,
             "kept_mean": k.incumbent_mean, "noise": k.noise, "runs": len(results),
             "cpu_others_max": max((r.get("cpu_others") or 0) for r in results),
             "minutes": round((time.time() - started) / 60, 1), "session": str(directory)}
@@ -115,11 +117,17 @@ def main() -> None:
         for strategy in args.strategies:
             row = one_session(strategy, seed, args.runs, args.time_budget, args.keep)
             rows.append(row)
+            if row["baseline"] is None:
+                print(f"{strategy:7s} seed {seed}: no fair baseline (every run 0 was contended or failed); "
+                      f"left out of the means: {row['session']}", flush=True)
+                continue
             print(f"{strategy:7s} seed {seed}: baseline {row['baseline']:.4f} -> best {row['best']:.4f}, kept "
                   f"{row['kept_mean']:.4f} (noise {row['noise'] or 0:.4f}) max cpu_others {row['cpu_others_max']:.2f} "
                   f"({row['runs']} runs, {row['minutes']} min) {row['session']}", flush=True)
     for strategy in args.strategies:
-        mine = [r for r in rows if r["strategy"] == strategy]
+        mine = [r for r in rows if r["strategy"] == strategy and r["baseline"] is not None]
+        if not mine:
+            continue
         best = sum(r["baseline"] - r["best"] for r in mine) / len(mine)
         kept = sum(r["baseline"] - r["kept_mean"] for r in mine) / len(mine)
         print(f"{strategy:7s} mean gain over its baseline: best run {best:.4f}, kept configuration {kept:.4f}")

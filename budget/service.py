@@ -409,18 +409,37 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+# A gRPC server (Ray's GCS, and its client server behind ray://) answers HTTP/2's connection preface
+# with a SETTINGS frame: byte 3 of the frame header is its type, 4.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
 def probe_ray_address(address: str) -> None:
-    """Raise ServiceUnavailable when nothing accepts a connection at a `host:port` (or `ray://host:port`)."""
+    """Raise ServiceUnavailable unless a gRPC server answers at a `host:port` (or `ray://host:port`)."""
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():
         return  # "auto" and the like: Ray finds the address itself
+    leave = ("or leave out --ray-address and RAY_ADDRESS to let the session start a Ray of its own")
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_SECS).close()
-    except OSError as exc:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=RAY_PROBE_SECS) as conn:
+            conn.sendall(HTTP2_PREFACE)
+            reply = b""
+            while len(reply) < 9 and (chunk := conn.recv(9 - len(reply))):
+                reply += chunk
+    except ConnectionRefusedError as exc:
         raise ServiceUnavailable(
             f"nothing answers at the Ray address {address} ({exc.strerror or exc}): start a cluster there "
-            f"(`ray start --head --port {port}`), or leave out --ray-address and RAY_ADDRESS to let the session "
-            "start a Ray of its own") from None
+            f"(`ray start --head --port {port}`), {leave}") from None
+    except OSError as exc:
+        if not isinstance(exc, (TimeoutError, ConnectionResetError)):
+            raise ServiceUnavailable(f"nothing answers at the Ray address {address} ({exc.strerror or exc}): "
+                                     f"check the address, {leave}") from None
+        reply = b""
+    if len(reply) < 9 or reply[3] != 4:
+        raise ServiceUnavailable(
+            f"something listens at the Ray address {address}, but it is not a Ray cluster (it does not answer "
+            f"gRPC): check the port (a head's address is what `ray start --head` printed, port 6379 by "
+            f"default), {leave}")
 
 
 def _unwrap(ref):

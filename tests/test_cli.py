@@ -4,6 +4,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -36,19 +37,57 @@ def closed_port() -> int:
         return s.getsockname()[1]  # closed again when the block ends: nothing listens there
 
 
+class NotRay:
+    """A TCP listener on loopback that is not a Ray cluster: it answers like an HTTP/1.1 server, or not at all."""
+
+    def __init__(self, reply: bytes):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.reply = reply
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1024)
+                if self.reply:
+                    conn.sendall(self.reply)
+                else:
+                    time.sleep(6)  # silent past the probe's 5 s
+
+
+def ray_run(session: Path, address: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent.cli", "run", "--agent", "search", "--budget", "2",
+                           "--time-budget", "2", "--session", str(session), "--ray-address", address],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+
+
 def test_a_ray_address_where_nothing_answers_fails_fast_and_blocks_no_retry(tmp_path):
     session = tmp_path / "s"
     address = f"127.0.0.1:{closed_port()}"
     for attempt in (1, 2):  # the second try with the same --session meets the same clear error
         began = time.monotonic()
-        done = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--agent", "search", "--budget", "2",
-                               "--time-budget", "2", "--session", str(session), "--ray-address", address],
-                              cwd=ROOT, capture_output=True, text=True, timeout=60)
+        done = ray_run(session, address)
         assert time.monotonic() - began < 30
         assert done.returncode == ExitCode.SETUP, done.stderr
         assert f"nothing answers at the Ray address {address}" in " ".join(done.stderr.split())
         assert "rpc_client" not in done.stderr and "gcs_client" not in done.stderr and "Traceback" not in done.stderr
         assert not session.exists(), f"attempt {attempt} left {list(session.rglob('*'))}"
+
+
+@pytest.mark.parametrize("reply", [b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", b""])
+def test_a_ray_address_where_something_else_listens_fails_fast(tmp_path, reply):
+    listener = NotRay(reply)
+    began = time.monotonic()
+    done = ray_run(tmp_path / "s", f"127.0.0.1:{listener.port}")
+    assert time.monotonic() - began < 30  # Ray itself would retry such an address for minutes
+    assert done.returncode == ExitCode.SETUP, done.stderr
+    assert "it is not a Ray cluster" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def list_runs_then(step_after_a_tool_result: dict):

@@ -420,11 +420,16 @@ def test_preflight_stops_at_a_bad_key_an_unknown_model_or_no_server(kind):
     with StubLLMServer([]) as stub:
         url = stub.url
     wire = "anthropic" if kind == "anthropic" else "openai"
-    dead = make_provider(wire, None, url + ("" if wire == "anthropic" else "/v1"), "k", retry_budget_s=0.3,
-                         retry_base_delay_s=0.05, options=ModelOptions(openai_api="responses" if kind == "responses"
-                                                                       else "auto"))
-    with pytest.raises(RetryBudgetExhausted, match="no answer from"):
-        preflight(dead, TOOLS, [], Console(quiet=True))
+    # Nothing listens there, or the name does not resolve: a wrong address does not pass with waiting,
+    # so the first call stops at once (the retry budget of 60 s is never spent)
+    for base in (url, "http://no-such-host.invalid:8000"):
+        dead = make_provider(wire, None, base + ("" if wire == "anthropic" else "/v1"), "k", retry_budget_s=60,
+                             retry_base_delay_s=5, options=ModelOptions(openai_api="responses" if kind == "responses"
+                                                                        else "auto"))
+        started = time.monotonic()
+        with pytest.raises(ProviderError, match="no answer from .*check the host name and port") as failure:
+            preflight(dead, TOOLS, [], Console(quiet=True))
+        assert failure.value.kind == "unreachable" and time.monotonic() - started < 10
 
 
 def test_callback_mode_drives_a_session_on_both_wires():

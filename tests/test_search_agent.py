@@ -147,6 +147,15 @@ def test_a_run_that_shared_its_cores_neither_sets_the_noise_nor_wins(tmp_path):
     assert calls[-1][1]["seed"] == 45 and not any(n == "edit_file" for n, _ in calls)
 
 
+def test_a_baseline_unverified_because_it_shared_its_cores_is_run_again(tmp_path):
+    # contention stretches the clock too: the baseline ran over its grace while other work took the cores
+    write_run(tmp_path, 0, BASELINE, 4.56, status="unverified")
+    path = tmp_path / "runs" / "000" / "result.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "cpu_others": 0.59}))
+    calls = decide(tmp_path)
+    assert calls[-1][0] == "submit_run" and "shared its cores" in calls[-1][1]["description"]
+
+
 def test_probes_the_noise_hid_are_combined_then_given_more_seeds(tmp_path, monkeypatch):
     import agent.search_agent as search
     monkeypatch.setattr(search, "PROBES", [({"n_history": 5}, "more history"), ({"d_ff": 384}, "wider MLP")])

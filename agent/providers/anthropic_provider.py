@@ -9,7 +9,7 @@ import anthropic
 
 from agent.providers.base import (PREFLIGHT_PROMPT, PREFLIGHT_TOKENS, AssistantMessage, Message, ModelReply,
                                   NativeBlocks, ProviderError, RetryCallback, RetryPolicy, ToolCall, ToolResult,
-                                  ToolSpec, TransientError, UserMessage, error_detail, http_failure, json_size,
+                                  ToolSpec, UserMessage, connection_failure, error_detail, http_failure, json_size,
                                   with_retries)
 from agent.providers.options import ModelOptions
 
@@ -45,11 +45,11 @@ class AnthropicProvider:
         """The cheapest call with the session's settings: a thinking model needs room beyond its budget."""
         params = self.request("", [UserMessage(content=PREFLIGHT_PROMPT)], tools)
         params["max_tokens"] = (self.options.thinking_budget or 0) + PREFLIGHT_TOKENS
-        return self._call(params)
+        return self._call(params, first_call=True)
 
-    def _call(self, params: dict[str, Any]) -> ModelReply:
+    def _call(self, params: dict[str, Any], first_call: bool = False) -> ModelReply:
         started = time.monotonic()
-        response = with_retries(lambda: self._send(params), self.retry, self.on_retry)
+        response = with_retries(lambda: self._send(params), self.retry, self.on_retry, first_call)
         return self._reply(response, json_size(params), started)
 
     def request(self, system: str, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
@@ -75,7 +75,7 @@ class AnthropicProvider:
             raise http_failure(exc.status_code, message, codes, exc.response.headers, key_env=KEY_ENV,
                                model=self.model, endpoint=self.endpoint) from exc
         except anthropic.APIConnectionError as exc:  # timeouts included
-            raise TransientError(f"no answer from {self.endpoint}: {exc.__cause__ or exc}") from exc
+            raise connection_failure(exc, self.endpoint) from exc
         except anthropic.APIError as exc:
             raise ProviderError(f"the request to {self.endpoint} failed: {exc}", kind="bad_response") from exc
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import email.utils
 import json
 import random
+import socket
 import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, Literal, Mapping, Protocol, TypeVar
@@ -121,7 +122,8 @@ class ProviderError(Exception):
     """A failure that retrying will not fix; the message names the cause and the fix.
 
     `kind` lets callers react without parsing text: "config", "auth", "permission", "not_found",
-    "context_too_long", "quota", "bad_request", "bad_response", "retry_budget", "rejected_setting".
+    "context_too_long", "quota", "bad_request", "bad_response", "retry_budget", "rejected_setting",
+    "unreachable".
     """
 
     def __init__(self, message: str, *, kind: str = "bad_request", status: int | None = None):
@@ -135,11 +137,28 @@ class RetryBudgetExhausted(ProviderError):
 
 
 class TransientError(Exception):
-    """A failure worth retrying (rate limit, server error, lost connection)."""
+    """A failure worth retrying (rate limit, server error, lost connection).
 
-    def __init__(self, text: str, retry_after_s: float | None = None):
+    `unreachable`: the host name did not resolve or nothing listens at the address. Mid-session that
+    may be a passing network fault; at the first call it is a wrong --base-url or no network.
+    """
+
+    def __init__(self, text: str, retry_after_s: float | None = None, unreachable: bool = False):
         super().__init__(text)
         self.retry_after_s = retry_after_s
+        self.unreachable = unreachable
+
+
+def connection_failure(exc: BaseException, endpoint: str) -> TransientError:
+    """A lost or refused connection (timeouts included), told apart from a host that cannot be reached."""
+    causes, cause = [], exc
+    while cause is not None and len(causes) < 10:
+        causes.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    unreachable = any(isinstance(c, (socket.gaierror, ConnectionRefusedError)) for c in causes) or any(
+        w in str(c).lower() for c in causes for w in ("name or service not known", "nodename nor servname",
+                                                      "connection refused", "temporary failure in name resolution"))
+    return TransientError(f"no answer from {endpoint}: {exc.__cause__ or exc}", unreachable=unreachable)
 
 
 @dataclass(frozen=True)
@@ -170,14 +189,20 @@ class RetryPolicy:
         return min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
 
 
-def with_retries(send: Callable[[], T], policy: RetryPolicy, on_retry: RetryCallback | None) -> T:
-    """Call `send` until it succeeds, retrying TransientError while the next try fits in the budget."""
+def with_retries(send: Callable[[], T], policy: RetryPolicy, on_retry: RetryCallback | None,
+                 first_call: bool = False) -> T:
+    """Call `send` until it succeeds, retrying TransientError while the next try fits in the budget.
+
+    first_call: an unreachable host is not retried (a wrong address or no network does not pass with waiting)."""
     start = time.monotonic()
     attempt = 0
     while True:
         try:
             return send()
         except TransientError as exc:
+            if first_call and exc.unreachable:
+                raise ProviderError(f"{str(exc).rstrip('.')}: check the host name and port of the endpoint "
+                                    "(--base-url) and the network", kind="unreachable") from exc
             attempt += 1
             delay = policy.delay(attempt, exc.retry_after_s)
             elapsed = time.monotonic() - start

@@ -14,7 +14,7 @@ import openai
 
 from agent.providers.base import (PREFLIGHT_PROMPT, PREFLIGHT_TOKENS, AssistantMessage, Message, ModelReply,
                                   ProviderError, RetryCallback, RetryPolicy, ToolCall, ToolResult, ToolSpec,
-                                  TransientError, UserMessage, error_detail, http_failure, json_size, with_retries)
+                                  UserMessage, connection_failure, error_detail, http_failure, json_size, with_retries)
 from agent.providers.options import ModelOptions
 
 KEY_ENV = "OPENAI_API_KEY"
@@ -46,11 +46,12 @@ class OpenAIBase:
 
     def check(self, tools: list[ToolSpec]) -> ModelReply:
         """The cheapest call with the session's settings and tools (a model may refuse tools with reasoning)."""
-        return self._call(self.request("", [UserMessage(content=PREFLIGHT_PROMPT)], tools, PREFLIGHT_TOKENS))
+        return self._call(self.request("", [UserMessage(content=PREFLIGHT_PROMPT)], tools, PREFLIGHT_TOKENS),
+                          first_call=True)
 
-    def _call(self, params: dict[str, Any]) -> ModelReply:
+    def _call(self, params: dict[str, Any], first_call: bool = False) -> ModelReply:
         started = time.monotonic()
-        response = with_retries(lambda: self._send(self._create, params), self.retry, self.on_retry)
+        response = with_retries(lambda: self._send(self._create, params), self.retry, self.on_retry, first_call)
         return self._reply(response, json_size(params), started)
 
     def _send(self, create: Callable[..., Any], params: dict[str, Any]) -> Any:
@@ -63,7 +64,7 @@ class OpenAIBase:
             raise http_failure(exc.status_code, message, codes, exc.response.headers, key_env=KEY_ENV,
                                model=self.model, endpoint=f"{self.endpoint} ({self.api})") from exc
         except openai.APIConnectionError as exc:  # timeouts included
-            raise TransientError(f"no answer from {self.endpoint}: {exc.__cause__ or exc}") from exc
+            raise connection_failure(exc, self.endpoint) from exc
         except openai.OpenAIError as exc:
             raise ProviderError(f"the request to {self.endpoint} failed: {exc}", kind="bad_response") from exc
 
