@@ -67,7 +67,7 @@ class QueuedRemoteSubmission:
         """The run's first record once it has started; None while it waits (after `timeout` s) or if dropped."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.run is None and not self.dropped:
-            self.service._refresh_in_flight()
+            self.service._fresh()
             if self.service.ended:
                 self.dropped = True  # never started, so never charged
                 break
