@@ -30,6 +30,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,11 +93,13 @@ class Prepare(Remaining):
 
 
 class RunSubmission(BaseModel):
-    """The body of POST /run. Other fields (the reference's `time_budget`) are ignored: the session's budget rules."""
+    """The body of POST /run. Fields beyond these are ignored."""
 
     model_config = ConfigDict(strict=True, extra="allow")
 
     train_code: str = Field(description="the whole train.py")
+    time_budget: float | None = Field(None, gt=0, description="training seconds of this run; at most the session's "
+                                                               "time budget, which is also the default")
     description: str = Field("", description="one line: what this run changes (this project's field)")
     hypothesis: str = Field("", description="what the run tests (this project's field)")
     seed: int | None = Field(None, description="TORCH_SEED of the run (this project's field)")
@@ -105,6 +108,7 @@ class RunSubmission(BaseModel):
 class RunAccepted(Remaining):
     run_id: str
     status: Literal["running"] = "running"
+    time_budget: float = Field(description="training seconds of this run")
     message: str = "Training started. Poll GET /runs/{run_id} for results."
 
 
@@ -187,8 +191,8 @@ def parse_submission(body: bytes) -> RunSubmission:
         return RunSubmission.model_validate(data)
     except ValidationError as exc:
         problems = [f'"{e["loc"][0]}" is missing' if e["type"] == "missing" else
-                    f'"{e["loc"][0]}" must be {"a string" if "str" in e["type"] else "an integer or null"}, '
-                    f"not a JSON {json_type(e['input'])}" for e in exc.errors()]
+                    f'"{e["loc"][0]}" {e["msg"].replace("Input should be", "must be")} '
+                    f'(received a JSON {json_type(e["input"])})' for e in exc.errors()]
         raise ApiProblem(400, "; ".join(problems) + f"; {usage}") from None
 
 
@@ -251,16 +255,18 @@ def make_app(service, *, token: str | None = None, record: Callable[..., None] |
         # The body is parsed here, not by FastAPI, so that every bad body is a 400 naming its problem
         # (whatever its content type: the reference reads JSON regardless); the schema above documents it.
         submission = parse_submission(await request.body())
+        session_budget = (await run_in_threadpool(service.status)).budget.time_budget_secs
+        time_budget = min(submission.time_budget or session_budget, session_budget)
         try:
             started = await run_in_threadpool(service.submit, RunRequest(
-                train_code=submission.train_code, description=submission.description,
-                hypothesis=submission.hypothesis, seed=submission.seed), wait=False)
+                train_code=submission.train_code, description=submission.description, hypothesis=submission.hypothesis,
+                seed=submission.seed, time_budget_secs=time_budget), wait=False)
         except RunRefused as exc:
             r = exc.refusal
             raise ApiProblem(r.code, r.message, **({"runs_remaining": r.runs_remaining,
                                                     "match_time_remaining_secs": r.match_time_remaining_secs}
                                                    if r.runs_remaining is not None else remaining())) from None
-        return RunAccepted(run_id=run_name(started.run_id), **remaining())
+        return RunAccepted(run_id=run_name(started.run_id), time_budget=time_budget, **remaining())
 
     @app.get("/runs", response_model=RunList, responses=ERRORS)
     def runs() -> RunList:
@@ -382,6 +388,16 @@ class ServeRefused(RuntimeError):
     """The server was not started; the message says why and what to do."""
 
 
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError as exc:
+            raise ServeRefused(f"cannot listen on {host}:{port} ({exc.strerror or exc}): pass another --port, or "
+                               "stop what listens there") from None
+
+
 def serve_session(settings, *, host: str, port: int, token: str | None, console) -> None:
     """Serve one session (new or resumed) until Ctrl-C or SIGTERM; runs in flight are then stopped and recorded.
 
@@ -398,6 +414,7 @@ def serve_session(settings, *, host: str, port: int, token: str | None, console)
     if token is None and not is_loopback(host):
         raise ServeRefused(f"--host {host} is reachable from other machines: give a token (--token T or {TOKEN_ENV}) "
                            "that every request must carry, or serve on 127.0.0.1")
+    check_port(host, port)  # before Ray starts and the session folder is made
     session_dir = Path(settings.session_dir)
     resumed = (session_dir / "settings.json").exists()
     with TrainingService(ServiceSettings(session_dir=session_dir, budget=settings.budget,

@@ -43,6 +43,8 @@ class RunRequest(BaseModel):
     description: str = ""
     hypothesis: str = ""
     seed: int | None = None
+    time_budget_secs: float | None = Field(None, gt=0, description="TIME_BUDGET of this run, at most the session's "
+                                           "(the reference's per-run time_budget); None: the session's")
 
 
 class RunResult(BaseModel):

@@ -67,7 +67,7 @@ class QueuedRemoteSubmission:
         """The run's first record once it has started; None while it waits (after `timeout` s) or if dropped."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.run is None and not self.dropped:
-            self.service._refresh_in_flight()
+            self.service._fresh()
             if self.service.ended:
                 self.dropped = True  # never started, so never charged
                 break
@@ -103,9 +103,11 @@ class RemoteService:
         self.poll_secs = float(os.environ.get("PGOLF_POLL_SECS", POLL_SECS)) if poll_secs is None else poll_secs
         self.retry_secs = (float(os.environ.get("PGOLF_SERVICE_RETRY_SECS", RETRY_SECS)) if retry_secs is None
                            else retry_secs)
+        self.time_budget = (budget or Budget()).time_budget_secs
         self.on_retry = on_retry or (lambda line: log.warning("%s", line))
         self.ended: str | None = None  # why no run can start any more beyond the budget: the service was lost
         self._asked = 0.0  # when the service's budget was last asked for
+        self._polled = 0.0  # when the runs in flight were last asked about
         self.queue: list[QueuedRemoteSubmission] = []
         self._remaining: dict = {}
         try:
@@ -202,7 +204,8 @@ class RemoteService:
         if local.runs_remaining <= 0 or local.match_time_remaining_secs < local.budget.run_timeout_secs:
             raise BudgetExhausted(Refusal(code=429, message="this session's own --budget or --hours is spent; start "
                                           "a new session to run more", **left))
-        body = {"train_code": request.train_code, "description": request.description, "hypothesis": request.hypothesis}
+        body = {"train_code": request.train_code, "description": request.description, "hypothesis": request.hypothesis,
+                "time_budget": self.time_budget}  # the reference's per-run field; a service may shorten or clamp it
         if request.seed is not None:
             body["seed"] = request.seed
         code, answer = self._call("POST", "/run", body)
@@ -261,6 +264,7 @@ class RemoteService:
 
     def _refresh_in_flight(self) -> None:
         """Ask the service about every run in flight; record the ones that ended. A lost service: outcome unknown."""
+        self._polled = time.monotonic()
         for run_id in self.active_run_ids():
             remote_id = self.remote_ids.get(run_id)
             try:
@@ -313,10 +317,18 @@ class RemoteService:
                    self._remaining.get("match_time_remaining_secs", s.match_time_remaining_secs))
         return s.model_copy(update={"runs_remaining": 0 if self.ended else runs, "match_time_remaining_secs": secs})
 
+    def _fresh(self) -> None:
+        """Runs in flight asked about again once poll_secs have passed, so a reader sees a run end (the LLM's
+        background runs are read this way)."""
+        if time.monotonic() - self._polled >= self.poll_secs and self.active_run_ids():
+            self._refresh_in_flight()
+
     def runs(self) -> list[RunResult]:
+        self._fresh()
         return self.ledger.runs()
 
     def get(self, run_id: int) -> RunResult | None:
+        self._fresh()
         return self.ledger.get(run_id)
 
     def cancel_all(self) -> list[RunResult]:

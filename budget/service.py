@@ -207,7 +207,8 @@ class ServiceActor:
             run_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(run_dir / "train.py", request.train_code)  # kept even if the harness dies right now
             spec = RunSpec(run_id=run_id, train_code=request.train_code, run_dir=run_dir, data_dir=self.data_dir,
-                           time_budget=budget.time_budget_secs, timeout=budget.run_timeout_secs,
+                           time_budget=min(request.time_budget_secs or budget.time_budget_secs, budget.time_budget_secs),
+                           timeout=budget.run_timeout_secs,
                            clock_grace=budget.clock_grace_secs, cpus=self.cpus, gpus=self.gpus,
                            sandbox=self.settings.sandbox, memory_mb=self.settings.memory_mb,
                            disk_mb=self.settings.disk_mb, seed=request.seed)
