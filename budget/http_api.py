@@ -47,7 +47,6 @@ from budget.models import RunRefused, RunRequest, RunResult, RunStatus
 MAX_BODY_BYTES = 1 << 20  # a request body; train_code itself is capped at MAX_CODE_BYTES (400 beyond)
 DRAIN_BYTES = 16 << 20    # read (and drop) this much of an oversized body, so the client gets its 413
 TOKEN_ENV = "PGOLF_SERVE_TOKEN"
-TRAINER = Path(__file__).resolve().parents[1] / "trainer"
 
 
 def run_name(run_id: int) -> str:
@@ -430,13 +429,13 @@ def serve_session(settings, *, host: str, port: int, token: str | None, console)
                                                host=host, port=port, log_level="warning", access_log=False))
         # uvicorn re-raises the signal that stopped it once it has shut down: both end here, as Ctrl-C
         previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
-        reason, kind = "the server stopped", "finished"
+        reason, kind = "the server was stopped (Ctrl-C or SIGTERM)", "finished"
         console.print(f"serving session {session_dir} on http://{host}:{port}"
                       + (" (token required)" if token else "") + "; Ctrl-C stops it")
         try:
-            server.run()
+            server.run()  # returns (or raises KeyboardInterrupt) once a signal has stopped it
         except KeyboardInterrupt:
-            reason = "the server was stopped (Ctrl-C or SIGTERM)"
+            pass
         finally:
             signal.signal(signal.SIGTERM, previous)
             stopped = service.cancel_all()  # recorded interrupted, charged, as on Ctrl-C in a CLI session
