@@ -26,7 +26,9 @@ def recorded(tmp_path_factory, corpus):
     """Two offline sessions under one sessions folder: `random` (a), then the planning `search` (b)."""
     root = tmp_path_factory.mktemp("sessions")
     for name, agent in (("a", "random"), ("b", "search")):
-        Session(SessionSettings(session_dir=root / name, agent=agent, budget=SHORT)).run()
+        session = Session(SessionSettings(session_dir=root / name, agent=agent, budget=SHORT))
+        session.run()
+        session.service.close()  # as the command's exit does: the session is no longer held
     if KEEP:
         shutil.copytree(root, Path(KEEP), dirs_exist_ok=True)
     saved = os.environ.get("PGOLF_SESSIONS_DIR")
