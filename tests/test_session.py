@@ -113,11 +113,19 @@ def test_kill_9_mid_run_then_resume(tmp_path, corpus):
     assert not subprocess.run(["pgrep", "-f", str(d / "runs")], capture_output=True).stdout  # no leftover trainer
 
 
+def as_in_a_terminal():
+    """Ctrl-C's signal as a terminal's foreground process gets it: not ignored, not blocked (whatever the
+    test process inherited or was left with by the tests before this one)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_ctrl_c_cancels_the_run_and_writes_the_record(tmp_path, corpus):
     d = tmp_path / "s"
     proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--agent", "search", "--budget", "3",
                              "--time-budget", "20", "--timeout", "60", "--session", str(d)],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=as_in_a_terminal)
     deadline = time.time() + 180
     while not (d / "runs" / "001" / "train.py").exists():
         assert time.time() < deadline and proc.poll() is None
